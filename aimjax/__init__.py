@@ -1,0 +1,1 @@
+"""AIM: autoregressive image models (El-Nouby et al., 2024) in JAX/Flax."""

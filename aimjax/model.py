@@ -1,0 +1,305 @@
+"""AIM: a ViT trunk with prefix-causal attention and a pixel prediction head.
+
+Paper Sec. 3 and Table 1; layer layout as the official implementation
+(`../shared/reference/aim.md`): patch projection with bias then LayerNorm,
+fixed 2D sine-cosine positions, pre-norm blocks with bias-free linears,
+exact GELU, LayerNorm eps 1e-6. No class token.
+
+Shapes: B batch, K = (image_size / patch_size)^2 patches, D width,
+P = patch_size^2 * 3 pixels per patch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aimjax import objective
+from pretrain_jax import flops as flops_lib
+
+HEADS = ("mlp", "transformer", "none")
+REMAT = ("none", "block", "dots")
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+  """Fixed positions [grid*grid, dim] in raster order (MAE's layout).
+
+  The first half of the channels encodes the column, the second half the
+  row; each half is [sin(pos * omega), cos(pos * omega)] with
+  omega_i = 1 / 10000^(i / (dim/4)).
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+  rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
+
+  def encode(pos):
+    out = pos[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+
+
+def _dense(features, names, use_bias=False, **kw):
+  return nn.Dense(features, use_bias=use_bias,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]), **kw)
+
+
+def _norm(name, dtype, param_dtype):
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def _constrain(x):
+  return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, T, D] -> [B, T, D]
+    d = x.shape[-1]
+    h = _dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
+               name="fc1")(x)
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    h = nn.gelu(h, approximate=False)
+    return _dense(d, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="fc2")(h)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  implementation: str | None = None   # None: XLA; 'cudnn': flash attention on GPU
+
+  @nn.compact
+  def __call__(self, x, mask):
+    """x: [B, T, D]; mask: bool [B, 1, T, T] (True = may attend) or None."""
+    d = x.shape[-1]
+    head_dim = d // self.num_heads
+    init = nn.initializers.xavier_uniform
+    w_qkv = self.param(
+        "qkv", nn.with_logical_partitioning(init(in_axis=0, out_axis=(1, 2, 3)),
+                                            ("embed", "qkv", "heads", "kv")),
+        (d, 3, self.num_heads, head_dim), self.param_dtype)
+    w_proj = self.param(
+        "proj", nn.with_logical_partitioning(init(in_axis=(0, 1), out_axis=2),
+                                             ("heads", "kv", "embed")),
+        (self.num_heads, head_dim, d), self.param_dtype)
+    qkv = jnp.einsum("btd,dshk->btshk", x.astype(self.dtype), w_qkv.astype(self.dtype))
+    qkv = nn.with_logical_constraint(
+        qkv, ("activation_batch", "activation_length", None, "activation_heads", "activation_kv"))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    return jnp.einsum("bthk,hkd->btd", out, w_proj.astype(self.dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  num_heads: int
+  mlp_ratio: int = 4
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, mask):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + Attention(self.num_heads, implementation=self.attention_impl, name="attn", **kw)(
+        _norm("norm_1", **kw)(x), mask)
+    x = x + Mlp(self.mlp_ratio * x.shape[-1], name="mlp", **kw)(_norm("norm_2", **kw)(x))
+    return _constrain(x)
+
+
+class MlpBlock(nn.Module):
+  """A head block that processes each patch independently: x + MLP(LN(x))."""
+  mlp_ratio: int = 4
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    del mask
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + Mlp(self.mlp_ratio * x.shape[-1], name="mlp", **kw)(_norm("norm", **kw)(x))
+    return _constrain(x)
+
+
+def _maybe_remat(cls, remat: str):
+  if remat == "none":
+    return cls
+  policy = (jax.checkpoint_policies.nothing_saveable if remat == "block"
+            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return nn.remat(cls, policy=policy)
+
+
+class AIM(nn.Module):
+  """AIM trunk + pixel head.
+
+  `__call__(images, prefix_len)` returns next-patch predictions [B, K, P] in
+  sequence order (the order of `objective.patch_order(order, grid)`).
+  `features(images)` returns block outputs with full bidirectional
+  attention, in raster order, for downstream use.
+  """
+  image_size: int = 224
+  patch_size: int = 14
+  width: int = 1536
+  depth: int = 24
+  num_heads: int = 12
+  mlp_ratio: int = 4
+  head: str = "mlp"             # 'mlp' | 'transformer' | 'none'
+  head_depth: int = 12
+  head_width: int = 2048
+  head_num_heads: int = 16      # transformer head only
+  order: str = "raster"
+  order_seed: int = 0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = _dense(self.width, ("patch", "embed"), use_bias=True, name="patch_embed",
+                              **kw)
+    self.patch_norm = _norm("patch_norm", **kw)
+    block = _maybe_remat(Block, self.remat)
+    self.blocks = [block(self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
+                         name=f"blocks_{i}", **kw) for i in range(self.depth)]
+    self.post_trunk_norm = _norm("post_trunk_norm", **kw)
+    out = self.patch_size * self.patch_size * 3
+    if self.head == "none":
+      self.head_out = _dense(out, ("embed", "patch"), name="head_out", **kw)
+      return
+    self.head_in = _dense(self.head_width, ("embed", "mlp"), name="head_in", **kw)
+    if self.head == "mlp":
+      head_block = _maybe_remat(MlpBlock, self.remat)
+      self.head_blocks = [head_block(self.mlp_ratio, name=f"head_blocks_{i}", **kw)
+                          for i in range(self.head_depth)]
+    else:
+      head_block = _maybe_remat(Block, self.remat)
+      self.head_blocks = [head_block(self.head_num_heads, self.mlp_ratio,
+                                     attention_impl=self.attention_impl,
+                                     name=f"head_blocks_{i}", **kw)
+                          for i in range(self.head_depth)]
+    self.head_norm = _norm("head_norm", **kw)
+    self.head_out = _dense(out, ("embed", "patch"), name="head_out", **kw)
+
+  def _embed(self, images, perm):
+    """images [B, H, W, 3] -> tokens [B, K, D] in the order `perm`."""
+    if images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"AIM expects images of {self.image_size}x{self.image_size}, "
+                       f"got {images.shape[1]}x{images.shape[2]}")
+    x = self.patch_norm(self.patch_embed(objective.patchify(images, self.patch_size)))
+    x = x + jnp.asarray(sincos_2d(self.grid, self.width), x.dtype)
+    return _constrain(x[:, perm])
+
+  def trunk(self, images, mask, perm, num_blocks=None):
+    """Returns the list of block outputs, each [B, K, D]."""
+    x = self._embed(images, perm)
+    outs = []
+    for block in self.blocks[:num_blocks]:
+      x = block(x, mask)
+      outs.append(x)
+    return outs
+
+  def __call__(self, images, prefix_len):
+    """images: float [B, H, W, 3]; prefix_len: int [B] (0 = plain causal).
+
+    Returns float [B, K, P]: at position i, the prediction of patch i+1.
+    """
+    perm = objective.patch_order(self.order, self.grid, self.order_seed)
+    mask = objective.prefix_causal_mask(prefix_len, self.num_patches)
+    x = self.post_trunk_norm(self.trunk(images, mask, perm)[-1])
+    if self.head != "none":
+      x = self.head_in(x)
+      x = x + jnp.asarray(sincos_2d(self.grid, self.head_width)[perm], x.dtype)
+      for block in self.head_blocks:
+        x = block(x, mask)
+      x = self.head_norm(x)
+    return self.head_out(x)
+
+  def features(self, images, num_blocks: int | None = None):
+    """Block outputs with bidirectional attention (no mask), raster order: list of [B, K, D]."""
+    return self.trunk(images, None, np.arange(self.num_patches), num_blocks)
+
+
+def from_config(model_cfg, objective_cfg=None) -> AIM:
+  """Builds AIM from `config.model` (+ `config.objective` for the order)."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  for key in ("dtype", "param_dtype"):
+    if model_cfg[key] not in dtypes:
+      raise ValueError(f"config key 'model.{key}' must be one of {list(dtypes)}, "
+                       f"got {model_cfg[key]!r}")
+  for key in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio",
+              "head_depth", "head_width", "head_num_heads"):
+    v = model_cfg[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise ValueError(f"config key 'model.{key}' must be a positive int, got {v!r}")
+  if model_cfg.image_size % model_cfg.patch_size:
+    raise ValueError(f"config key 'model.image_size' ({model_cfg.image_size}) must be a multiple "
+                     f"of model.patch_size ({model_cfg.patch_size})")
+  if model_cfg.width % model_cfg.num_heads or model_cfg.width % 4:
+    raise ValueError(f"config key 'model.width' ({model_cfg.width}) must be divisible by "
+                     f"model.num_heads ({model_cfg.num_heads}) and by 4")
+  if model_cfg.head not in HEADS:
+    raise ValueError(f"config key 'model.head' must be one of {HEADS}, got {model_cfg.head!r}")
+  if model_cfg.remat not in REMAT:
+    raise ValueError(f"config key 'model.remat' must be one of {REMAT}, got {model_cfg.remat!r}")
+  order = objective_cfg.order if objective_cfg is not None else "raster"
+  if order not in objective.ORDERS:
+    raise ValueError(f"config key 'objective.order' must be one of {objective.ORDERS}, "
+                     f"got {order!r}")
+  return AIM(
+      image_size=model_cfg.image_size, patch_size=model_cfg.patch_size, width=model_cfg.width,
+      depth=model_cfg.depth, num_heads=model_cfg.num_heads, mlp_ratio=model_cfg.mlp_ratio,
+      head=model_cfg.head, head_depth=model_cfg.head_depth, head_width=model_cfg.head_width,
+      head_num_heads=model_cfg.head_num_heads, order=order,
+      order_seed=objective_cfg.order_seed if objective_cfg is not None else 0,
+      dtype=dtypes[model_cfg.dtype], param_dtype=dtypes[model_cfg.param_dtype],
+      remat=model_cfg.remat, attention_impl=model_cfg.attention_impl or None)
+
+
+def forward_flops(model: AIM, batch: int) -> float:
+  """Analytic FLOPs of one forward pass over `batch` images (matmuls and attention)."""
+  k, d, p = model.num_patches, model.width, model.patch_size ** 2 * 3
+  mm = flops_lib.matmul
+  per_block = (mm(k, d, 3 * d) + mm(k, d, d) + 2 * mm(k, d, model.mlp_ratio * d))
+  total = mm(k, p, d) + model.depth * per_block + flops_lib.attention(1, k, d) * model.depth
+  if model.head == "none":
+    total += mm(k, d, p)
+  else:
+    w = model.head_width
+    head_block = 2 * mm(k, w, model.mlp_ratio * w)
+    if model.head == "transformer":
+      head_block += mm(k, w, 3 * w) + mm(k, w, w) + flops_lib.attention(1, k, w)
+    total += mm(k, d, w) + model.head_depth * head_block + mm(k, w, p)
+  return float(batch * total)
+
+
+def trunk_param_count(params) -> int:
+  """Parameters of the transformer blocks (what the paper's Table 1 counts)."""
+  return sum(int(x.size) for name, sub in params.items() if name.startswith("blocks_")
+             for x in jax.tree.leaves(sub))
+
+
+def head_param_count(params) -> int:
+  return sum(int(x.size) for name, sub in params.items() if name.startswith("head")
+             for x in jax.tree.leaves(sub))

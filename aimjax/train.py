@@ -1,0 +1,70 @@
+"""AIM pretraining entry point.
+
+  python -m aimjax.train --config=configs/aim/pretrain.py:variant=tiny --workdir=/tmp/aim
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from aimjax import model as model_lib
+from aimjax import objective
+from pretrain_jax import cli, loop
+from pretrain_jax.data import pipeline
+
+
+def make_loss_fn(model: model_lib.AIM, objective_cfg):
+  """(params, batch, rng) -> (loss, metrics) for batch {"image", "valid"}."""
+  if objective_cfg.order not in objective.ORDERS:
+    raise ValueError(f"config key 'objective.order' must be one of {objective.ORDERS}")
+  perm = objective.patch_order(model.order, model.grid, model.order_seed)
+
+  def loss_fn(params, batch, rng):
+    images = batch["image"]
+    b = images.shape[0]
+    if objective_cfg.prefix:
+      prefix_len = objective.sample_prefix_lengths(rng, b, model.num_patches)
+    else:  # causal-only ablation: no bidirectional prefix
+      prefix_len = jnp.zeros((b,), jnp.int32)
+    pred = model.apply({"params": params}, images.astype(model.dtype), prefix_len)
+    targets = objective.patchify(images.astype(jnp.float32), model.patch_size)[:, perm]
+    if objective_cfg.norm_targets:
+      targets = objective.normalize_patches(targets)
+    valid = batch.get("valid")
+    loss, _ = objective.next_patch_loss(pred, targets, prefix_len, valid)
+    metrics = {}
+    if valid is not None:
+      metrics["data/invalid"] = jnp.sum(1.0 - valid)
+    return loss, metrics
+  return loss_fn
+
+
+def build_task(config) -> loop.Task:
+  """Model, data and objective for `loop.train`."""
+  model = model_lib.from_config(config.model, config.objective)
+  if config.data.image_size != config.model.image_size:
+    raise ValueError(f"config key 'data.image_size' ({config.data.image_size}) must equal "
+                     f"model.image_size ({config.model.image_size})")
+  dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  init_params = lambda rng: model.init(rng, dummy, jnp.ones((1,), jnp.int32))["params"]
+  local_batch = config.batch_size // jax.process_count()
+  eval_data = None
+  if config.get("eval_every", 0) and config.data.get("eval"):
+    eval_data = lambda: iter(pipeline.eval_batches(
+        config.data, config.batch_size, config.data.eval_batches))
+  return loop.Task(
+      init_params=init_params,
+      loss_fn=make_loss_fn(model, config.objective),
+      train_data=iter(pipeline.train_dataset(config.data, config.batch_size, config.seed)),
+      eval_data=eval_data,
+      flops_per_step=3 * model_lib.forward_flops(model, config.batch_size),
+      num_layers=config.model.depth,
+      examples_key="image")
+
+
+def main(config, workdir):
+  return loop.train(config, workdir, build_task(config))
+
+
+if __name__ == "__main__":
+  cli.run(main)

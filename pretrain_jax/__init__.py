@@ -1,0 +1,1 @@
+"""The shared pretraining core: mesh, sharding, optimizers, loop, checkpoints, data."""

@@ -1,0 +1,66 @@
+"""Command-line entry shared by every training script.
+
+`--config=path.py:arg` loads `get_config(arg)`; `--config.key=value`
+overrides any key (an unknown key or a value of the wrong type fails at
+start naming the key); `--workdir` holds checkpoints, metrics and logs, and
+a run started on a workdir with checkpoints resumes from the latest one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file: path.py or path.py:arg (e.g. :variant=tiny).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+flags.DEFINE_bool("verbose_libraries", False, "Keep Orbax/Grain/JAX INFO logs.")
+
+
+_QUIET = ("/orbax/", "/grain/", "/jax/", "/absl/", "/tensorflow")
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drops the libraries' INFO chatter (Orbax logs ~40 lines per save); keeps warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(q in record.pathname for q in _QUIET)
+
+
+def run(main: Callable[[object, str], object]) -> None:
+  """Parses flags and calls `main(config, workdir)`; exits non-zero on errors.
+
+  Errors a user can fix (bad config values, missing data, non-finite loss)
+  are printed as one line naming the problem instead of a traceback.
+  """
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.workdir is None:
+      raise app.UsageError("--workdir is required")
+    config = _CONFIG.value
+    from pretrain_jax import mesh as mesh_lib  # after flags: may call jax.distributed
+    mesh_lib.maybe_initialize_distributed()
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    logging.getLogger().setLevel(logging.INFO)
+    if not FLAGS.verbose_libraries:
+      for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryInfoFilter())
+    try:
+      main(config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
+      from pretrain_jax.loop import NonFiniteLossError
+      from pretrain_jax.data.errors import DataError
+      if isinstance(e, (ValueError, FileNotFoundError, NonFiniteLossError, DataError)):
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+      raise
+
+  flags.mark_flags_as_required(["config"])
+  app.run(_main)

@@ -1,0 +1,180 @@
+"""Grain input pipelines: sources -> decode -> augment -> mixture -> batches.
+
+A data spec is a string, so any mixture is one command-line override:
+
+  scenes:20000                                   the embedded procedural scenes
+  arrayrecord:/data/dfn/*.array_record           shards in records.py's format
+  tfds:imagenet2012/train                        tfds.data_source, data.tfds_data_dir
+  folder:/data/my_images                         class sub-folders
+  arrayrecord:/data/dfn/*.array_record@0.8,tfds:imagenet2012/train@0.2   weighted mixture
+
+Order and augmentation are deterministic functions of the seed and the record
+index (Grain's index shuffling and per-index random_map), so restoring the
+iterator state resumes exactly, and the global batch does not depend on the
+number of devices or threads. Each process reads its own slice of the
+global index space ([process_index::process_count]).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from pretrain_jax.data import sources as sources_lib
+from pretrain_jax.data import transforms
+from pretrain_jax.data.errors import DataError
+
+
+def parse_spec(spec: str) -> list[tuple[str, str, float]]:
+  """'kind:arg@w,kind:arg@w' -> [(kind, arg, weight)], weights normalised."""
+  parts = []
+  for item in (s.strip() for s in spec.split(",")):
+    if not item:
+      continue
+    weight = 1.0
+    if "@" in item:
+      item, w = item.rsplit("@", 1)
+      try:
+        weight = float(w)
+      except ValueError:
+        raise ValueError(f"data spec '{spec}': weight '{w}' is not a number") from None
+      if weight <= 0:
+        raise ValueError(f"data spec '{spec}': weights must be positive, got {weight}")
+    kind, _, arg = item.partition(":")
+    if kind not in ("scenes", "arrayrecord", "tfds", "folder"):
+      raise ValueError(
+          f"data spec '{spec}': unknown source kind '{kind}' (use scenes, arrayrecord, tfds "
+          "or folder)")
+    parts.append((kind, arg, weight))
+  if not parts:
+    raise ValueError(f"data spec '{spec}' names no source")
+  total = sum(w for _, _, w in parts)
+  return [(k, a, w / total) for k, a, w in parts]
+
+
+def make_source(kind: str, arg: str, data_cfg, split: str):
+  if kind == "scenes":
+    num = int(arg) if arg else data_cfg.get("scenes_num", 100_000)
+    return sources_lib.ScenesSource(num, seed=data_cfg.get("scenes_seed", 0),
+                                    resolution=data_cfg.get("scenes_resolution", 64), split=split)
+  if kind == "arrayrecord":
+    return sources_lib.ArrayRecordSource(arg, data_cfg.get("image_key", "image"),
+                                         data_cfg.get("label_key", "label"))
+  if kind == "tfds":
+    name, _, tfds_split = arg.partition("/")
+    return sources_lib.TfdsSource(name, tfds_split or split, data_cfg.get("tfds_data_dir") or None,
+                                  data_cfg.get("image_key", "image"),
+                                  data_cfg.get("label_key", "label"))
+  return sources_lib.ImageFolderSource(arg)
+
+
+class Decode(grain.transforms.Map):
+  """(where, payload) -> {"image": uint8, "label": int32, "valid": float32}.
+
+  A record that fails to decode raises DataError naming it, or, with
+  `skip_corrupt`, becomes an all-zero example with valid=0 that losses mask
+  out and the loop counts (metric `data/invalid`).
+  """
+
+  def __init__(self, source, image_size: int, skip_corrupt: bool):
+    self.source, self.image_size, self.skip_corrupt = source, image_size, skip_corrupt
+
+  def map(self, element):
+    where, payload = element
+    try:
+      example = self.source.decode(payload)
+      image = example["image"]
+      if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image has shape {list(image.shape)}, expected [H, W, 3]")
+    except Exception as e:  # every failure of one record is reported the same way
+      if not self.skip_corrupt:
+        raise DataError(f"bad record {where}: {type(e).__name__}: {e}. Set "
+                        "data.skip_corrupt=True to skip such records.") from e
+      logging.warning("skipping bad record %s: %s", where, e)
+      size = self.image_size
+      return {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(-1),
+              "valid": np.float32(0.0)}
+    return {"image": image, "label": np.int32(example["label"]), "valid": np.float32(1.0)}
+
+
+class Augment(grain.transforms.RandomMap):
+  """Training transform: random resized crop, optional flip, normalisation."""
+
+  def __init__(self, size: int, scale, flip: bool):
+    self.size, self.scale, self.flip = size, tuple(scale), flip
+
+  def random_map(self, element, rng: np.random.Generator):
+    image = element["image"]
+    if element["valid"] > 0:
+      image = transforms.random_resized_crop(image, rng, self.size, self.scale)
+      if self.flip:
+        image = transforms.random_flip(image, rng)
+    return {**element, "image": transforms.normalize(image)}
+
+
+class EvalTransform(grain.transforms.Map):
+  def __init__(self, size: int):
+    self.size = size
+
+  def map(self, element):
+    image = element["image"]
+    if element["valid"] > 0:
+      image = transforms.resize_center_crop(image, self.size)
+    return {**element, "image": transforms.normalize(image)}
+
+
+def _check(data_cfg, batch_size: int, process_count: int):
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
+  lo, hi = data_cfg.crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise ValueError(f"config key 'data.crop_scale' must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+
+
+def train_dataset(data_cfg, batch_size: int, seed: int, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """Infinite, shuffled, augmented batches of this process's share of `batch_size`.
+
+  data_cfg keys: train (spec), image_size, crop_scale, flip, skip_corrupt,
+  workers, threads, and per-kind keys (scenes_*, tfds_data_dir, image_key...).
+  Yields {"image": float32 [b, S, S, 3], "label": int32 [b], "valid": float32 [b]}.
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  _check(data_cfg, batch_size, pc)
+  parts = []
+  for k, (kind, arg, weight) in enumerate(parse_spec(data_cfg.train)):
+    src = make_source(kind, arg, data_cfg, "train")
+    ds = grain.MapDataset.source(src).shuffle(seed=seed + 7919 * k).repeat(None)
+    ds = ds[pi::pc]
+    ds = ds.map(Decode(src, data_cfg.image_size, data_cfg.skip_corrupt))
+    ds = ds.random_map(Augment(data_cfg.image_size, data_cfg.crop_scale, data_cfg.flip),
+                       seed=seed + 104729 * (k + 1))
+    parts.append((ds, weight))
+  ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix(
+      [d for d, _ in parts], [w for _, w in parts])
+  ds = ds.batch(batch_size // pc, drop_remainder=True)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.threads,
+                                               prefetch_buffer_size=max(2 * data_cfg.threads, 1)))
+  if data_cfg.workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+  return it_ds
+
+
+def eval_batches(data_cfg, batch_size: int, num_batches: int,
+                 process_index: int | None = None, process_count: int | None = None):
+  """A finite, unshuffled list-like dataset of evaluation batches (data_cfg.eval spec)."""
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  (kind, arg, _), *rest = parse_spec(data_cfg.eval)
+  if rest:
+    raise ValueError(f"config key 'data.eval' must name one source, got '{data_cfg.eval}'")
+  src = make_source(kind, arg, data_cfg, "eval")
+  ds = grain.MapDataset.source(src)[pi::pc]
+  ds = ds.map(Decode(src, data_cfg.image_size, data_cfg.skip_corrupt))
+  ds = ds.map(EvalTransform(data_cfg.image_size)).batch(batch_size // pc, drop_remainder=True)
+  n = min(num_batches, len(ds)) if num_batches > 0 else len(ds)
+  return ds[:n]

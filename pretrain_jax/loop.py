@@ -1,0 +1,270 @@
+"""The training loop: sharded state, compiled donated step, metrics, progress,
+evaluation, checkpoints, preemption and non-finite-loss handling.
+
+A project hands the loop a `Task` (how to init params, the loss, the data);
+the loop knows nothing else about the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import periodic_actions
+
+from pretrain_jax import checkpoint as checkpoint_lib
+from pretrain_jax import flops as flops_lib
+from pretrain_jax import mesh as mesh_lib
+from pretrain_jax import metrics as metrics_lib
+from pretrain_jax import optim
+from pretrain_jax import partitioning
+from pretrain_jax import train_state as ts
+
+PyTree = Any
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Task:
+  """What a project gives the loop.
+
+  init_params: rng -> boxed params (`model.init(...)["params"]`).
+  loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics);
+    traced under the mesh and logical-axis rules.
+  train_data: a Grain DatasetIterator of host-local batches (dicts of numpy
+    arrays with leading dim batch_size / process_count); its state is
+    checkpointed.
+  eval_data: optional () -> iterator of batches, evaluated with loss_fn every
+    `config.eval_every` steps (metrics averaged, prefixed 'eval/').
+  flops_per_step: analytic FLOPs of one training step (for MFU); when None
+    XLA's cost analysis of the compiled step is used.
+  num_layers / layer_id: for layer-wise learning-rate decay.
+  examples_key: batch key whose leading dim counts examples (for examples/s).
+  """
+  init_params: Callable[[jax.Array], PyTree]
+  loss_fn: Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+  train_data: Iterator[Batch]
+  eval_data: Callable[[], Iterator[Batch]] | None = None
+  flops_per_step: float | None = None
+  num_layers: int = 0
+  layer_id: Callable[[str, int], int] = optim.default_layer_id
+  examples_key: str = "image"
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked once per step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook runners)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule):
+  def train_step(state: ts.TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss(params):
+      return task.loss_fn(params, batch, rng)
+
+    (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "lr": schedule(state.step), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return train_step
+
+
+def check_config(config, num_processes: int, mesh: jax.sharding.Mesh) -> None:
+  """Values the loop relies on, with messages that name the key."""
+  for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"config key '{key}' must be a positive int, got {value!r}")
+  dp = partitioning.data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise ValueError(
+        f"config key 'batch_size' ({config.batch_size}) must be divisible by the data-parallel "
+        f"size mesh.data*mesh.fsdp = {dp}")
+  if config.batch_size % num_processes:
+    raise ValueError(f"config key 'batch_size' ({config.batch_size}) must be divisible by the "
+                     f"number of processes ({num_processes})")
+
+
+def _to_host(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
+  """Trains until `config.total_steps`, resuming from `workdir` if it holds a checkpoint.
+
+  Returns the last logged metrics. Raises NonFiniteLossError if the loss
+  becomes NaN/Inf (the last good checkpoint is kept).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  check_config(config, jax.process_count(), mesh)
+  rules = partitioning.RULES
+
+  # ---- model, optimizer, sharded state ----
+  rng = jax.random.key(config.seed)
+  boxed = ts.abstract_params(task.init_params, jax.random.split(rng)[0])
+  tx, schedule = optim.create_optimizer(
+      config.optimizer, config.total_steps, nn.unbox(boxed), task.num_layers, task.layer_id)
+  state, shardings = ts.create_train_state(task.init_params, tx, rng, mesh, rules)
+  n_params = ts.count_params(state.params)
+  logging.info("Parameters: %s (%.3fB)", f"{n_params:,}", n_params / 1e9)
+  replicated = partitioning.unsharded_fraction(shardings.params, state.params)
+  logging.info("Replicated share of parameter bytes: %.1f%%", 100 * replicated)
+
+  # ---- checkpoint restore ----
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      async_save=config.get("async_checkpoint", True))
+  data_iter = task.train_data
+  if ckpt.latest_step() is not None:
+    target = ts.abstract_state(shardings, state)
+    state = ckpt.restore(target, data_iter)
+    logging.info("Resuming from step %d", int(state.step))
+  start_step = int(state.step)
+
+  # ---- compile the step ----
+  step_fn = make_train_step(task, tx, schedule)
+  batch_sharding = partitioning.batch_sharding(mesh)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=0)
+  writer = metrics_lib.create_writer(workdir)
+  if start_step >= config.total_steps:
+    logging.info("Already at step %d >= total_steps %d: nothing to do", start_step,
+                 config.total_steps)
+    ckpt.close()
+    return {}
+
+  first_batch = next(data_iter)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, partitioning.shard_batch(first_batch, mesh)).compile()
+    compile_s = time.perf_counter() - t0
+  step_flops = task.flops_per_step
+  if not step_flops:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    step_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  logging.info("Compiled train step in %.1fs; %.3g FLOPs/step", compile_s, step_flops)
+  writer.write_scalars(start_step, {"perf/compile_s": compile_s})
+
+  eval_step = None
+  if task.eval_data is not None and config.get("eval_every", 0):
+    eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, jax.random.key(0)),
+                        in_shardings=(shardings.params, batch_sharding))
+
+  def evaluate(step):
+    sums, n = {}, 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      for batch in task.eval_data():
+        loss, aux = eval_step(state.params, partitioning.shard_batch(batch, mesh))
+        for k, v in {"loss": loss, **aux}.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    results = {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+    writer.write_scalars(step, results)
+    return results
+
+  # ---- the loop ----
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every)
+  examples_per_step = config.batch_size
+  last = {}
+  pending = None   # (step, device metrics): fetched one step late, never stalling dispatch
+  window_start = (start_step, time.perf_counter())
+  crash_at = int(config.get("debug", {}).get("crash_at_step", 0) or 0)
+
+  def finish(pending_item):
+    """Fetches a step's metrics; logs them; raises on a non-finite loss."""
+    nonlocal last, window_start
+    step, dev_metrics = pending_item
+    host = _to_host(dev_metrics)
+    if not math.isfinite(host["loss"]):
+      ckpt.wait_until_finished()
+      raise NonFiniteLossError(
+          f"loss is {host['loss']} at step {step}; stopping. The last good checkpoint is "
+          f"step {ckpt.latest_step()} in {ckpt.directory} (lower optimizer.lr or raise "
+          "optimizer.warmup_steps, then restart from it).")
+    if step % config.log_every == 0 or step == config.total_steps:
+      now = time.perf_counter()
+      steps = step - window_start[0]
+      if steps > 0:
+        dt = (now - window_start[1]) / steps
+        host["perf/step_time_s"] = dt
+        host["perf/examples_per_s"] = examples_per_step / dt
+        host["perf/tflops_per_s"] = step_flops / dt / 1e12
+        if step_flops:
+          host["perf/mfu"] = flops_lib.mfu(step_flops, dt, list(mesh.devices.flat))
+      window_start = (step, now)
+      writer.write_scalars(step, host)
+      last = host
+
+  batch = first_batch
+  with _Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for step in range(start_step + 1, config.total_steps + 1):
+      if batch is None:
+        batch = next(data_iter)
+      state, dev_metrics = compiled(state, partitioning.shard_batch(batch, mesh))
+      batch = None
+      if pending is not None:
+        finish(pending)
+      pending = (step, dev_metrics)
+      progress(step)
+      if eval_step is not None and step % config.eval_every == 0:
+        finish(pending)
+        pending = None
+        evaluate(step)
+        window_start = (step, time.perf_counter())   # keep evaluation out of the step time
+      stop = preemption.requested or ckpt.reached_preemption(step)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+        if pending is not None:
+          finish(pending)   # never checkpoint a state produced from a non-finite loss
+          pending = None
+        ckpt.save(step, state, data_iter, force=stop)
+      if step == crash_at:   # fault injection for the resume tests: a kill -9, no cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+      if stop:
+        ckpt.wait_until_finished()
+        logging.warning("Preempted: saved step %d to %s; exiting cleanly", step, ckpt.directory)
+        break
+    if pending is not None:
+      finish(pending)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.flush()
+  logging.info("Finished at step %d; final loss %.6f", int(state.step), last.get("loss", float("nan")))
+  return last
