@@ -53,6 +53,8 @@ def run(main: Callable[[object, str], object]) -> None:
       for handler in logging.getLogger().handlers:
         handler.addFilter(_LibraryInfoFilter())
     try:
+      from pretrain_jax.loop import validate_config
+      validate_config(config)
       main(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
       from pretrain_jax.loop import NonFiniteLossError
@@ -63,4 +65,19 @@ def run(main: Callable[[object, str], object]) -> None:
       raise
 
   flags.mark_flags_as_required(["config"])
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's parser, but an override of a key the config lacks is one clear line."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    missing = str(e).strip("\"'")
+    overrides = [a.split("=", 1)[0][2:] for a in argv[1:] if a.startswith("--config.")]
+    named = [o for o in overrides if missing in o.split(".")[1:]] or overrides
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    print(f"error: unknown config key '{named[0][len('config.'):] if named else missing}' "
+          f"(not in {config_file or 'the config'}); check the spelling against the config file",
+          file=sys.stderr)
+    sys.exit(2)

@@ -88,7 +88,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    nan_at_step: int = 0):
+  """The jitted update. nan_at_step > 0 poisons that step's loss and gradients
+  (fault injection for tests of the divergence handling)."""
   def train_step(state: ts.TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
 
@@ -96,6 +99,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
       return task.loss_fn(params, batch, rng)
 
     (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    if nan_at_step:
+      poison = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
+      loss_value = loss_value * poison
+      grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
@@ -104,12 +111,24 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   return train_step
 
 
-def check_config(config, num_processes: int, mesh: jax.sharding.Mesh) -> None:
-  """Values the loop relies on, with messages that name the key."""
+REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every", "checkpoint_every",
+                 "keep_checkpoints", "mesh", "data", "model", "optimizer")
+
+
+def validate_config(config) -> None:
+  """The keys every training config has; called before anything is built."""
+  missing = [k for k in REQUIRED_KEYS if k not in config]
+  if missing:
+    raise ValueError(f"config lacks required keys {missing}")
   for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     value = config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       raise ValueError(f"config key '{key}' must be a positive int, got {value!r}")
+
+
+def check_config(config, num_processes: int, mesh: jax.sharding.Mesh) -> None:
+  """Values the loop relies on, with messages that name the key."""
+  validate_config(config)
   dp = partitioning.data_parallel_size(mesh)
   if config.batch_size % dp:
     raise ValueError(
@@ -158,7 +177,8 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
   start_step = int(state.step)
 
   # ---- compile the step ----
-  step_fn = make_train_step(task, tx, schedule)
+  debug = config.get("debug", {})
+  step_fn = make_train_step(task, tx, schedule, int(debug.get("nan_at_step", 0) or 0))
   batch_sharding = partitioning.batch_sharding(mesh)
   jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
@@ -206,7 +226,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
   last = {}
   pending = None   # (step, device metrics): fetched one step late, never stalling dispatch
   window_start = (start_step, time.perf_counter())
-  crash_at = int(config.get("debug", {}).get("crash_at_step", 0) or 0)
+  crash_at = int(debug.get("crash_at_step", 0) or 0)
 
   def finish(pending_item):
     """Fetches a step's metrics; logs them; raises on a non-finite loss."""

@@ -73,11 +73,12 @@ def create_writer(workdir: str) -> interface.MetricWriter:
 
 
 def read_jsonl(path: str) -> dict[int, dict[str, float]]:
-  """{step: row} from a metrics.jsonl; a later line for a step wins."""
-  rows = {}
+  """{step: merged row} from a metrics.jsonl; for a key logged twice at one
+  step (a step redone after a resume), the later line wins."""
+  rows: dict[int, dict[str, float]] = {}
   with open(path, encoding="utf-8") as f:
     for line in f:
       if line.strip():
         row = json.loads(line)
-        rows[row["step"]] = row
+        rows.setdefault(row["step"], {}).update(row)
   return rows

@@ -103,4 +103,5 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
 
   c.debug = ml_collections.ConfigDict()
   c.debug.crash_at_step = 0                    # fault injection: SIGKILL self after this step (tests)
+  c.debug.nan_at_step = 0                      # fault injection: NaN loss and gradients at this step (tests)
   return c

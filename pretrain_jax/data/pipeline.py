@@ -91,7 +91,7 @@ class Decode(grain.transforms.Map):
         raise ValueError(f"image has shape {list(image.shape)}, expected [H, W, 3]")
     except Exception as e:  # every failure of one record is reported the same way
       if not self.skip_corrupt:
-        raise DataError(f"bad record {where}: {type(e).__name__}: {e}. Set "
+        raise DataError(f"bad record {where}: {type(e).__name__}: {str(e).rstrip('.')}. Set "
                         "data.skip_corrupt=True to skip such records.") from e
       logging.warning("skipping bad record %s: %s", where, e)
       size = self.image_size

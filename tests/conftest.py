@@ -1,0 +1,29 @@
+"""Shared test fixtures: configs loaded from the repository's config files."""
+import importlib.util
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def load_config(rel_path: str, arg: str = ""):
+  spec = importlib.util.spec_from_file_location("cfg_" + rel_path.replace("/", "_")[:-3],
+                                                ROOT / rel_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.fixture
+def tiny_aim_config():
+  return load_config("configs/aim/pretrain.py", "variant=tiny")
+
+
+def subprocess_env(**extra):
+  """Environment for child Python processes: quiet TF, repository on the path."""
+  env = dict(os.environ)
+  env.update({"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}, **extra)
+  return env
