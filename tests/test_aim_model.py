@@ -196,3 +196,18 @@ def test_forward_flops_match_xla_cost_analysis():
   analytic = model_lib.forward_flops(model, 2)
   # XLA also counts elementwise ops (norms, GELU, softmax): a little more.
   assert analytic <= xla["flops"] <= 1.3 * analytic, (analytic, xla["flops"])
+
+
+def test_bf16_compute_with_f32_master_params():
+  from aimjax import train as aim_train
+  model, params, x = _tiny_model(dtype="bfloat16")
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  out = jax.jit(lambda p: model.apply({"params": p}, x, jnp.array([2, 3])))(params)
+  assert out.dtype == jnp.bfloat16
+  cfg = load_config("configs/aim/pretrain.py", "variant=tiny")
+  loss_fn = aim_train.make_loss_fn(model, cfg.objective)
+  batch = {"image": x, "valid": jnp.ones((2,))}
+  (loss, _), grads = jax.jit(jax.value_and_grad(
+      lambda p: loss_fn(p, batch, jax.random.key(0)), has_aux=True))(params)
+  assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
