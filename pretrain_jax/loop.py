@@ -150,6 +150,9 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
   becomes NaN/Inf (the last good checkpoint is kept).
   """
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:   # what this run was, next to its checkpoints
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   check_config(config, jax.process_count(), mesh)
   rules = partitioning.RULES

@@ -363,3 +363,16 @@ def test_normalize_of_a_constant_image_gives_per_channel_standard_scores():
   np.testing.assert_allclose(transforms.normalize(np.zeros((1, 1, 3), np.uint8))[0, 0],
                              [-m / s for m, s in zip(transforms.IMAGENET_MEAN,
                                                      transforms.IMAGENET_STD)], rtol=1e-6)
+
+
+def test_processes_read_disjoint_interleaved_slices_of_one_global_stream():
+  from conftest import load_config
+  data = load_config("configs/aim/pretrain.py", "variant=tiny").data
+  data.train, data.image_size, data.scenes_resolution, data.threads = "scenes:64", 28, 32, 1
+  whole = next(iter(pipeline.train_dataset(data, 8, seed=3, process_index=0, process_count=1)))
+  p0 = next(iter(pipeline.train_dataset(data, 8, seed=3, process_index=0, process_count=2)))
+  p1 = next(iter(pipeline.train_dataset(data, 8, seed=3, process_index=1, process_count=2)))
+  assert p0["image"].shape[0] == p1["image"].shape[0] == 4
+  np.testing.assert_array_equal(p0["image"], whole["image"][0::2])
+  np.testing.assert_array_equal(p1["image"], whole["image"][1::2])
+  assert not np.array_equal(p0["image"], p1["image"])

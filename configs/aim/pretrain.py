@@ -5,7 +5,8 @@
       --config.data.train='arrayrecord:/data/dfn/*.array_record@0.8,tfds:imagenet2012/train@0.2'
 
 The tiny variant trains on the embedded procedural scenes in about a minute
-on a laptop CPU; its loss falls from about 1.0 to below 0.6 in 300 steps.
+on a 2-core CPU; its loss falls from about 1.3 to about 0.6 in 300 steps
+(validation loss about 0.57).
 """
 import ml_collections
 

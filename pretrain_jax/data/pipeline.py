@@ -11,8 +11,8 @@ A data spec is a string, so any mixture is one command-line override:
 Order and augmentation are deterministic functions of the seed and the record
 index (Grain's index shuffling and per-index random_map), so restoring the
 iterator state resumes exactly, and the global batch does not depend on the
-number of devices or threads. Each process reads its own slice of the
-global index space ([process_index::process_count]).
+number of devices, threads or processes: process p of P reads examples
+p, p + P, p + 2P, ... of one global stream.
 """
 from __future__ import annotations
 
@@ -149,14 +149,16 @@ def train_dataset(data_cfg, batch_size: int, seed: int, process_index: int | Non
   for k, (kind, arg, weight) in enumerate(parse_spec(data_cfg.train)):
     src = make_source(kind, arg, data_cfg, "train")
     ds = grain.MapDataset.source(src).shuffle(seed=seed + 7919 * k).repeat(None)
-    ds = ds[pi::pc]
     ds = ds.map(Decode(src, data_cfg.image_size, data_cfg.skip_corrupt))
     ds = ds.random_map(Augment(data_cfg.image_size, data_cfg.crop_scale, data_cfg.flip),
                        seed=seed + 104729 * (k + 1))
     parts.append((ds, weight))
   ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix(
       [d for d, _ in parts], [w for _, w in parts])
-  ds = ds.batch(batch_size // pc, drop_remainder=True)
+  # Slicing last (the datasets are lazy, so nothing is wasted) keeps example i
+  # of the global stream, augmentation included, the same for any number of
+  # processes: process p takes examples p, p + P, p + 2P, ...
+  ds = ds[pi::pc].batch(batch_size // pc, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.threads,
                                                prefetch_buffer_size=max(2 * data_cfg.threads, 1)))
   if data_cfg.workers > 0:
