@@ -1,1 +1,14 @@
-"""AIM: autoregressive image models (El-Nouby et al., 2024) in JAX/Flax."""
+"""AIM: autoregressive image models (El-Nouby et al., 2024) in JAX/Flax.
+
+`aimjax.load`, `aimjax.extract_features` and `aimjax.preprocessing` come from
+`aimjax.inference`; they are imported on first use so that `python -m
+aimjax.<module>` entry points do not import each other.
+"""
+__all__ = ["extract_features", "load", "preprocessing"]
+
+
+def __getattr__(name):
+  if name in __all__:
+    from aimjax import inference
+    return getattr(inference, name)
+  raise AttributeError(f"module 'aimjax' has no attribute {name!r}")

@@ -152,3 +152,66 @@ def params_to_official(params: Params, probe=None, patch: int = 14) -> dict[str,
                "head.bn.running_var": np.asarray(bs["var"]),
                "head.bn.num_batches_tracked": np.asarray(0, np.int64)})
   return sd
+
+
+def write_converted(sd: dict[str, np.ndarray], out: str, width: int, depth: int, num_heads: int,
+                    patch: int = 14, image_size: int = 224) -> str:
+  """Writes `out/` as a loadable workdir: config.json, checkpoints/0/state
+  (Orbax, `{"params": ...}`), params.safetensors and, when the state dict has
+  the classifier, probe.safetensors. Returns `out`."""
+  import json
+  import orbax.checkpoint as ocp
+  from pretrain_jax import export
+  params, probe = official_to_params(sd, width, depth, num_heads, patch)
+  model_cfg = {"image_size": image_size, "patch_size": patch, "width": width, "depth": depth,
+               "num_heads": num_heads, "mlp_ratio": 4, "head": "none"}
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"model": model_cfg, "converted_from": "apple/ml-aim aim-v1"}, f, indent=2)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(os.path.join(out, "checkpoints", "0", "state")), {"params": params},
+            force=True)
+  ckpt.wait_until_finished()
+  export.save_safetensors(params, os.path.join(out, "params.safetensors"), {"model": model_cfg})
+  if probe is not None:
+    export.save_safetensors(probe, os.path.join(out, "probe.safetensors"), {"model": model_cfg})
+  return out
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  sd = load_state_dict(f.input)
+  width = sd["preprocessor.patchifier.proj.weight"].shape[0] if (
+      "preprocessor.patchifier.proj.weight" in sd) else None
+  if f.variant:
+    from aimjax.inference import VARIANTS
+    if f.variant not in VARIANTS:
+      raise SystemExit(f"error: unknown --variant {f.variant!r}; choose from {list(VARIANTS)}")
+    width, depth, heads = VARIANTS[f.variant]
+  else:
+    if width is None:
+      raise SystemExit(f"error: {f.input} has no preprocessor.patchifier.proj.weight; pass "
+                       "--variant")
+    depth = len({k.split(".")[2] for k in sd if k.startswith("trunk.blocks.")})
+    heads = f.num_heads or width // 128   # every released AIM uses 128-wide heads
+    if heads <= 0 or width % heads:
+      raise SystemExit(f"error: cannot infer the number of heads for width {width}; pass "
+                       "--num_heads")
+  try:
+    write_converted(sd, f.out, width, depth, heads, image_size=f.image_size)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {f.out} (AIM width={width} depth={depth} heads={heads})")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("input", None, "Official AIM v1 checkpoint (.safetensors or .pth).")
+  flags.DEFINE_string("variant", "", "0.6B, 1B, 3B or 7B (default: inferred from shapes).")
+  flags.DEFINE_string("out", None, "Output directory (a workdir aimjax.load can read).")
+  flags.DEFINE_integer("image_size", 224, "Input resolution the model is built for.")
+  flags.DEFINE_integer("num_heads", 0, "Attention heads (default: width / 128, as released).")
+  flags.mark_flags_as_required(["input", "out"])
+  app.run(main)
