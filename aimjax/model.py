@@ -59,20 +59,62 @@ def _constrain(x):
   return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """Low-rank adapters (Hu et al., 2021) on the trunk's projections.
+
+  rank 0 disables them. Adapters live in their own variable collection,
+  'lora', so the frozen 'params' and the trainable adapters are separate
+  pytrees; B starts at zero, so an adapted model starts equal to the base.
+  """
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("qkv", "proj", "mlp")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / max(self.rank, 1)
+
+  def on(self, target: str) -> bool:
+    return self.rank > 0 and target in self.targets
+
+
+def _lora_delta(module: nn.Module, name: str, x, in_shape, out_shape, lora: LoRA):
+  """scale * (x @ A) @ B for A: [*in_shape, r] (random), B: [r, *out_shape] (zeros).
+
+  x: [..., *in_shape] -> [..., *out_shape].
+  """
+  r = lora.rank
+  a = module.variable("lora", f"{name}_a", lambda: nn.initializers.he_uniform(
+      in_axis=tuple(range(len(in_shape))), out_axis=-1)(
+          module.make_rng("params"), (*in_shape, r), jnp.float32)).value
+  b = module.variable("lora", f"{name}_b", lambda: jnp.zeros((r, *out_shape), jnp.float32)).value
+  n_in = len(in_shape)
+  h = jnp.tensordot(x, a.astype(x.dtype), axes=(tuple(range(x.ndim - n_in, x.ndim)),
+                                               tuple(range(n_in))))
+  return lora.scale * jnp.tensordot(h, b.astype(x.dtype), axes=((h.ndim - 1,), (0,)))
+
+
 class Mlp(nn.Module):
   hidden: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora: LoRA = LoRA()
 
   @nn.compact
   def __call__(self, x):  # [B, T, D] -> [B, T, D]
     d = x.shape[-1]
     h = _dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
                name="fc1")(x)
+    if self.lora.on("mlp"):
+      h = h + _lora_delta(self, "fc1", x.astype(self.dtype), (d,), (self.hidden,), self.lora)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.gelu(h, approximate=False)
-    return _dense(d, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="fc2")(h)
+    out = _dense(d, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="fc2")(h)
+    if self.lora.on("mlp"):
+      out = out + _lora_delta(self, "fc2", h, (self.hidden,), (d,), self.lora)
+    return out
 
 
 class Attention(nn.Module):
@@ -80,6 +122,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   implementation: str | None = None   # None: XLA; 'cudnn': flash attention on GPU
+  lora: LoRA = LoRA()
 
   @nn.compact
   def __call__(self, x, mask):
@@ -95,12 +138,18 @@ class Attention(nn.Module):
         "proj", nn.with_logical_partitioning(init(in_axis=(0, 1), out_axis=2),
                                              ("heads", "kv", "embed")),
         (self.num_heads, head_dim, d), self.param_dtype)
-    qkv = jnp.einsum("btd,dshk->btshk", x.astype(self.dtype), w_qkv.astype(self.dtype))
+    x = x.astype(self.dtype)
+    qkv = jnp.einsum("btd,dshk->btshk", x, w_qkv.astype(self.dtype))
+    if self.lora.on("qkv"):
+      qkv = qkv + _lora_delta(self, "qkv", x, (d,), (3, self.num_heads, head_dim), self.lora)
     qkv = nn.with_logical_constraint(
         qkv, ("activation_batch", "activation_length", None, "activation_heads", "activation_kv"))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
-    return jnp.einsum("bthk,hkd->btd", out, w_proj.astype(self.dtype))
+    y = jnp.einsum("bthk,hkd->btd", out, w_proj.astype(self.dtype))
+    if self.lora.on("proj"):
+      y = y + _lora_delta(self, "proj", out, (self.num_heads, head_dim), (d,), self.lora)
+    return y
 
 
 class Block(nn.Module):
@@ -110,13 +159,15 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  lora: LoRA = LoRA()
 
   @nn.compact
   def __call__(self, x, mask):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + Attention(self.num_heads, implementation=self.attention_impl, name="attn", **kw)(
-        _norm("norm_1", **kw)(x), mask)
-    x = x + Mlp(self.mlp_ratio * x.shape[-1], name="mlp", **kw)(_norm("norm_2", **kw)(x))
+    x = x + Attention(self.num_heads, implementation=self.attention_impl, lora=self.lora,
+                      name="attn", **kw)(_norm("norm_1", **kw)(x), mask)
+    x = x + Mlp(self.mlp_ratio * x.shape[-1], lora=self.lora, name="mlp", **kw)(
+        _norm("norm_2", **kw)(x))
     return _constrain(x)
 
 
@@ -166,6 +217,7 @@ class AIM(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
+  lora: LoRA = LoRA()          # adapters on the trunk only (downstream tuning)
 
   @property
   def grid(self) -> int:
@@ -182,7 +234,7 @@ class AIM(nn.Module):
     self.patch_norm = _norm("patch_norm", **kw)
     block = _maybe_remat(Block, self.remat)
     self.blocks = [block(self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                         name=f"blocks_{i}", **kw) for i in range(self.depth)]
+                         lora=self.lora, name=f"blocks_{i}", **kw) for i in range(self.depth)]
     self.post_trunk_norm = _norm("post_trunk_norm", **kw)
     out = self.patch_size * self.patch_size * 3
     if self.head == "none":
@@ -236,9 +288,17 @@ class AIM(nn.Module):
       x = self.head_norm(x)
     return self.head_out(x)
 
-  def features(self, images, num_blocks: int | None = None):
-    """Block outputs with bidirectional attention (no mask), raster order: list of [B, K, D]."""
-    return self.trunk(images, None, np.arange(self.num_patches), num_blocks)
+  def features(self, images, num_blocks: int | None = None, causal: bool = False):
+    """Block outputs in raster order: list of [B, K, D].
+
+    Bidirectional attention (no mask) by default, as downstream; causal=True
+    keeps the plain causal mask (the paper's Table 3d comparison).
+    """
+    mask = None
+    if causal:
+      mask = objective.prefix_causal_mask(jnp.zeros((images.shape[0],), jnp.int32),
+                                          self.num_patches)
+    return self.trunk(images, mask, np.arange(self.num_patches), num_blocks)
 
 
 def from_config(model_cfg, objective_cfg=None) -> AIM:
@@ -292,6 +352,29 @@ def forward_flops(model: AIM, batch: int) -> float:
       head_block += mm(k, w, 3 * w) + mm(k, w, w) + flops_lib.attention(1, k, w)
     total += mm(k, d, w) + model.head_depth * head_block + mm(k, w, p)
   return float(batch * total)
+
+
+def merge_lora(params, lora_vars, lora: LoRA):
+  """Folds adapters into the trunk weights: W + scale * A @ B, reshaped.
+
+  Returns params (same tree as `params`) whose plain forward equals the
+  adapted forward; export these for inference without LoRA code.
+  """
+  merged = jax.tree.map(lambda x: x, params)
+  for block, ad in lora_vars.items():
+    for module, names in (("attn", ("qkv", "proj")), ("mlp", ("fc1", "fc2"))):
+      for name in names:
+        if f"{name}_a" not in ad.get(module, {}):
+          continue
+        a, b = ad[module][f"{name}_a"], ad[module][f"{name}_b"]
+        delta = lora.scale * jnp.tensordot(a, b, axes=((a.ndim - 1,), (0,)))
+        target = merged[block][module]
+        if module == "mlp":
+          target[name] = dict(target[name], kernel=target[name]["kernel"] + delta.astype(
+              target[name]["kernel"].dtype))
+        else:
+          target[name] = target[name] + delta.astype(target[name].dtype)
+  return merged
 
 
 def trunk_param_count(params) -> int:

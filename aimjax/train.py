@@ -47,7 +47,6 @@ def build_task(config) -> loop.Task:
                      f"model.image_size ({config.model.image_size})")
   dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   init_params = lambda rng: model.init(rng, dummy, jnp.ones((1,), jnp.int32))["params"]
-  local_batch = config.batch_size // jax.process_count()
   eval_data = None
   if config.get("eval_every", 0) and config.data.get("eval"):
     eval_data = lambda: iter(pipeline.eval_batches(
@@ -67,4 +66,4 @@ def main(config, workdir):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, validate=loop.validate_config)

@@ -33,8 +33,11 @@ class _LibraryInfoFilter(logging.Filter):
     return record.levelno >= logging.WARNING or not any(q in record.pathname for q in _QUIET)
 
 
-def run(main: Callable[[object, str], object]) -> None:
-  """Parses flags and calls `main(config, workdir)`; exits non-zero on errors.
+def run(main: Callable[[object, str], object],
+        validate: Callable[[object], None] | None = None) -> None:
+  """Parses flags, runs `validate(config)`, then `main(config, workdir)`.
+
+  Training scripts pass `loop.validate_config` as `validate`.
 
   Errors a user can fix (bad config values, missing data, non-finite loss)
   are printed as one line naming the problem instead of a traceback.
@@ -53,8 +56,8 @@ def run(main: Callable[[object, str], object]) -> None:
       for handler in logging.getLogger().handlers:
         handler.addFilter(_LibraryInfoFilter())
     try:
-      from pretrain_jax.loop import validate_config
-      validate_config(config)
+      if validate is not None:
+        validate(config)
       main(config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
       from pretrain_jax.loop import NonFiniteLossError
