@@ -11,7 +11,6 @@ P = patch_size^2 * 3 pixels per patch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import flax.linen as nn
 import jax

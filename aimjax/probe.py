@@ -27,7 +27,7 @@ import aimjax
 from aimjax import heads
 from aimjax import model as model_lib
 from pretrain_jax import cli, metrics as metrics_lib, optim
-from pretrain_jax.data import pipeline
+from pretrain_jax.data import pipeline, transforms
 
 
 class MultiLayerProbe(nn.Module):
@@ -99,6 +99,7 @@ def train_probes(config, workdir: str) -> dict:
 
   def features(lora, images, train):
     variables = {"params": trunk_params, **({"lora": lora} if lora else {})}
+    images = transforms.normalize_images(images)   # uint8 batches from the pipeline
     blocks = trunk.apply(variables, images, n_blocks, config.causal, method=trunk.features)
     feats = tuple(blocks[l] for l in layers)
     return feats if lora else jax.lax.stop_gradient(feats)

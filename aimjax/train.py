@@ -4,13 +4,12 @@
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from aimjax import model as model_lib
 from aimjax import objective
 from pretrain_jax import cli, loop
-from pretrain_jax.data import pipeline
+from pretrain_jax.data import pipeline, transforms
 
 
 def make_loss_fn(model: model_lib.AIM, objective_cfg):
@@ -20,7 +19,7 @@ def make_loss_fn(model: model_lib.AIM, objective_cfg):
   perm = objective.patch_order(model.order, model.grid, model.order_seed)
 
   def loss_fn(params, batch, rng):
-    images = batch["image"]
+    images = transforms.normalize_images(batch["image"])   # uint8 -> standardised float32
     b = images.shape[0]
     if objective_cfg.prefix:
       prefix_len = objective.sample_prefix_lengths(rng, b, model.num_patches)
@@ -49,16 +48,16 @@ def build_task(config) -> loop.Task:
   init_params = lambda rng: model.init(rng, dummy, jnp.ones((1,), jnp.int32))["params"]
   eval_data = None
   if config.get("eval_every", 0) and config.data.get("eval"):
-    eval_data = lambda: iter(pipeline.eval_batches(
-        config.data, config.batch_size, config.data.eval_batches))
+    eval_data = lambda rows: pipeline.eval_batches(
+        config.data, config.batch_size, config.data.eval_batches, rows)
   return loop.Task(
       init_params=init_params,
       loss_fn=make_loss_fn(model, config.objective),
-      train_data=iter(pipeline.train_dataset(config.data, config.batch_size, config.seed)),
+      train_data=lambda rows: pipeline.train_dataset(
+          config.data, config.batch_size, config.seed, rows),
       eval_data=eval_data,
       flops_per_step=3 * model_lib.forward_flops(model, config.batch_size),
-      num_layers=config.model.depth,
-      examples_key="image")
+      num_layers=config.model.depth)
 
 
 def main(config, workdir):

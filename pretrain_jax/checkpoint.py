@@ -20,7 +20,8 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of (state, data iterator) under `directory`."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Local paths are made absolute (Orbax needs that); URLs (gs://...) stay as they are.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

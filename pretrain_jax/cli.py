@@ -21,6 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 flags.DEFINE_bool("verbose_libraries", False, "Keep Orbax/Grain/JAX INFO logs.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize(): auto-detect a multi-process job, always, never.")
 
 
 _QUIET = ("/orbax/", "/grain/", "/jax/", "/absl/", "/tensorflow")
@@ -49,7 +51,7 @@ def run(main: Callable[[object, str], object],
       raise app.UsageError("--workdir is required")
     config = _CONFIG.value
     from pretrain_jax import mesh as mesh_lib  # after flags: may call jax.distributed
-    mesh_lib.maybe_initialize_distributed()
+    mesh_lib.maybe_initialize_distributed(FLAGS.distributed)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
     if not FLAGS.verbose_libraries:
@@ -75,6 +77,9 @@ def _parse_flags(argv):
   """absl's parser, but an override of a key the config lacks is one clear line."""
   try:
     return FLAGS(argv)
+  except flags.Error as e:   # e.g. --config.model.width=banana
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except (AttributeError, KeyError) as e:
     missing = str(e).strip("\"'")
     overrides = [a.split("=", 1)[0][2:] for a in argv[1:] if a.startswith("--config.")]

@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from clu import periodic_actions
+from etils import epath
 
 from pretrain_jax import checkpoint as checkpoint_lib
 from pretrain_jax import flops as flops_lib
@@ -40,24 +41,22 @@ class Task:
   init_params: rng -> boxed params (`model.init(...)["params"]`).
   loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics);
     traced under the mesh and logical-axis rules.
-  train_data: a Grain DatasetIterator of host-local batches (dicts of numpy
-    arrays with leading dim batch_size / process_count); its state is
-    checkpointed.
-  eval_data: optional () -> iterator of batches, evaluated with loss_fn every
-    `config.eval_every` steps (metrics averaged, prefixed 'eval/').
+  train_data: rows -> a Grain dataset whose iterator yields this process's
+    rows (start, count) of each global batch (dicts of numpy arrays with
+    leading dim count); the iterator's state is checkpointed.
+  eval_data: optional rows -> iterable of batches (same rows), evaluated
+    with loss_fn every `config.eval_every` steps (metrics averaged, 'eval/').
   flops_per_step: analytic FLOPs of one training step (for MFU); when None
     XLA's cost analysis of the compiled step is used.
   num_layers / layer_id: for layer-wise learning-rate decay.
-  examples_key: batch key whose leading dim counts examples (for examples/s).
   """
   init_params: Callable[[jax.Array], PyTree]
   loss_fn: Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-  train_data: Iterator[Batch]
-  eval_data: Callable[[], Iterator[Batch]] | None = None
+  train_data: Callable[[tuple[int, int]], Any]
+  eval_data: Callable[[tuple[int, int]], Any] | None = None
   flops_per_step: float | None = None
   num_layers: int = 0
   layer_id: Callable[[str, int], int] = optim.default_layer_id
-  examples_key: str = "image"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,13 +64,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked once per step."""
+  """Turns SIGTERM into a flag checked once per step (single-process runs).
+
+  With several processes the flag would differ between hosts, which would
+  stop at different steps; there Orbax's `reached_preemption` (JAX's
+  preemption sync service) decides, identically on all hosts.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some notebook runners)
@@ -90,8 +96,9 @@ class _Preemption:
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     nan_at_step: int = 0):
-  """The jitted update. nan_at_step > 0 poisons that step's loss and gradients
-  (fault injection for tests of the divergence handling)."""
+  """The jitted update. nan_at_step > 0 poisons that step's gradients while its
+  loss stays finite, as a bf16 overflow in the backward pass would (fault
+  injection for tests of the divergence handling)."""
   def train_step(state: ts.TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
 
@@ -101,7 +108,6 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     if nan_at_step:
       poison = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
-      loss_value = loss_value * poison
       grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -146,38 +152,51 @@ def _to_host(metrics) -> dict[str, float]:
 def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
   """Trains until `config.total_steps`, resuming from `workdir` if it holds a checkpoint.
 
-  Returns the last logged metrics. Raises NonFiniteLossError if the loss
-  becomes NaN/Inf (the last good checkpoint is kept).
+  Returns the last logged metrics. Raises NonFiniteLossError if the loss or
+  the gradient norm becomes NaN/Inf (the last good checkpoint is kept).
   """
-  os.makedirs(workdir, exist_ok=True)
+  with _Preemption() as preemption:
+    return _train(config, workdir, task, devices, preemption)
+
+
+def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:   # what this run was, next to its checkpoints
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   check_config(config, jax.process_count(), mesh)
   rules = partitioning.RULES
+  rows = partitioning.process_rows(mesh, config.batch_size)
 
-  # ---- model, optimizer, sharded state ----
+  # ---- model, optimizer, sharding ----
   rng = jax.random.key(config.seed)
   boxed = ts.abstract_params(task.init_params, jax.random.split(rng)[0])
   tx, schedule = optim.create_optimizer(
       config.optimizer, config.total_steps, nn.unbox(boxed), task.num_layers, task.layer_id)
-  state, shardings = ts.create_train_state(task.init_params, tx, rng, mesh, rules)
-  n_params = ts.count_params(state.params)
-  logging.info("Parameters: %s (%.3fB)", f"{n_params:,}", n_params / 1e9)
-  replicated = partitioning.unsharded_fraction(shardings.params, state.params)
+  target, shardings = ts.abstract_train_state(task.init_params, tx, rng, mesh, rules)
+  n_params = ts.count_params(target.params)
+  logging.info("Parameters: %s (%.3fB); this process feeds batch rows [%d, %d)",
+               f"{n_params:,}", n_params / 1e9, rows[0], rows[0] + rows[1])
+  replicated = partitioning.unsharded_fraction(shardings.params, target.params)
   logging.info("Replicated share of parameter bytes: %.1f%%", 100 * replicated)
 
-  # ---- checkpoint restore ----
+  # ---- restore, or initialise (never both: no second copy of the state) ----
   ckpt = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      os.fspath(workdir_path / "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.get("async_checkpoint", True))
-  data_iter = task.train_data
+  data_iter = iter(task.train_data(rows))
   if ckpt.latest_step() is not None:
-    target = ts.abstract_state(shardings, state)
     state = ckpt.restore(target, data_iter)
     logging.info("Resuming from step %d", int(state.step))
+  else:
+    state, _ = ts.create_train_state(task.init_params, tx, rng, mesh, rules)
   start_step = int(state.step)
+  if start_step >= config.total_steps:
+    logging.info("Already at step %d >= total_steps %d: nothing to do", start_step,
+                 config.total_steps)
+    ckpt.close()
+    return {}
 
   # ---- compile the step ----
   debug = config.get("debug", {})
@@ -185,99 +204,106 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
   batch_sharding = partitioning.batch_sharding(mesh)
   jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
-  writer = metrics_lib.create_writer(workdir)
-  if start_step >= config.total_steps:
-    logging.info("Already at step %d >= total_steps %d: nothing to do", start_step,
-                 config.total_steps)
-    ckpt.close()
-    return {}
-
+  shard = lambda b: partitioning.shard_batch(b, mesh, config.batch_size)
   first_batch = next(data_iter)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, partitioning.shard_batch(first_batch, mesh)).compile()
+    compiled = jitted.lower(state, shard(first_batch)).compile()
     compile_s = time.perf_counter() - t0
   step_flops = task.flops_per_step
   if not step_flops:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     step_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops_lib.peak_flops_per_device(mesh.devices.flat[0])   # measure (CPU) before timing steps
   logging.info("Compiled train step in %.1fs; %.3g FLOPs/step", compile_s, step_flops)
-  writer.write_scalars(start_step, {"perf/compile_s": compile_s})
+  writer = metrics_lib.create_writer(workdir)
 
   eval_step = None
   if task.eval_data is not None and config.get("eval_every", 0):
     eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, jax.random.key(0)),
                         in_shardings=(shardings.params, batch_sharding))
 
-  def evaluate(step):
+  def evaluate():
     sums, n = {}, 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      for batch in task.eval_data():
-        loss, aux = eval_step(state.params, partitioning.shard_batch(batch, mesh))
+      for batch in task.eval_data(rows):
+        loss, aux = eval_step(state.params, shard(batch))
         for k, v in {"loss": loss, **aux}.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
-    results = {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
-    writer.write_scalars(step, results)
-    return results
+    return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
   # ---- the loop ----
-  progress = periodic_actions.ReportProgress(
-      num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every)
-  examples_per_step = config.batch_size
-  last = {}
+  progress = periodic_actions.ReportProgress(   # logs steps/s and ETA
+      num_train_steps=config.total_steps, every_steps=config.log_every)
+  last: dict[str, float] = {}
   pending = None   # (step, device metrics): fetched one step late, never stalling dispatch
-  window_start = (start_step, time.perf_counter())
+  window = {"step": start_step, "time": time.perf_counter(), "invalid": 0.0}
+  extra_row = {"perf/compile_s": compile_s}
   crash_at = int(debug.get("crash_at_step", 0) or 0)
 
-  def finish(pending_item):
-    """Fetches a step's metrics; logs them; raises on a non-finite loss."""
-    nonlocal last, window_start
-    step, dev_metrics = pending_item
+  def finish(item) -> dict[str, float] | None:
+    """Fetches a step's metrics; raises on non-finite values; returns the
+    row to log at this step (None between logging steps)."""
+    step, dev_metrics = item
     host = _to_host(dev_metrics)
-    if not math.isfinite(host["loss"]):
-      ckpt.wait_until_finished()
-      raise NonFiniteLossError(
-          f"loss is {host['loss']} at step {step}; stopping. The last good checkpoint is "
-          f"step {ckpt.latest_step()} in {ckpt.directory} (lower optimizer.lr or raise "
-          "optimizer.warmup_steps, then restart from it).")
-    if step % config.log_every == 0 or step == config.total_steps:
-      now = time.perf_counter()
-      steps = step - window_start[0]
-      if steps > 0:
-        dt = (now - window_start[1]) / steps
-        host["perf/step_time_s"] = dt
-        host["perf/examples_per_s"] = examples_per_step / dt
-        host["perf/tflops_per_s"] = step_flops / dt / 1e12
-        if step_flops:
-          host["perf/mfu"] = flops_lib.mfu(step_flops, dt, list(mesh.devices.flat))
-      window_start = (step, now)
-      writer.write_scalars(step, host)
-      last = host
+    window["invalid"] += host.get("data/invalid", 0.0)
+    for key in ("loss", "grad_norm"):
+      if not math.isfinite(host[key]):
+        ckpt.wait_until_finished()
+        raise NonFiniteLossError(
+            f"{key} is {host[key]} at step {step} (loss {host['loss']}); stopping. The last good "
+            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (lower optimizer.lr "
+            "or raise optimizer.warmup_steps, then restart from it).")
+    if step % config.log_every and step != config.total_steps:
+      return None
+    now = time.perf_counter()
+    steps = step - window["step"]
+    if steps > 0:
+      dt = (now - window["time"]) / steps
+      host["perf/step_time_s"] = dt
+      host["perf/examples_per_s"] = config.batch_size / dt
+      host["perf/tflops_per_s"] = step_flops / dt / 1e12
+      if step_flops:
+        host["perf/mfu"] = flops_lib.mfu(step_flops, dt, list(mesh.devices.flat))
+    host["data/invalid_total"] = window["invalid"]
+    window.update(step=step, time=now)
+    host.update(extra_row)
+    extra_row.clear()
+    return host
+
+  def log(step, row):
+    nonlocal last
+    if row:
+      writer.write_scalars(step, row)
+      last = row
 
   batch = first_batch
-  with _Preemption() as preemption, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, config.total_steps + 1):
       if batch is None:
         batch = next(data_iter)
-      state, dev_metrics = compiled(state, partitioning.shard_batch(batch, mesh))
+      state, dev_metrics = compiled(state, shard(batch))
       batch = None
       if pending is not None:
-        finish(pending)
+        log(pending[0], finish(pending))
       pending = (step, dev_metrics)
       progress(step)
-      if eval_step is not None and step % config.eval_every == 0:
-        finish(pending)
-        pending = None
-        evaluate(step)
-        window_start = (step, time.perf_counter())   # keep evaluation out of the step time
+      do_eval = eval_step is not None and step % config.eval_every == 0
       stop = preemption.requested or ckpt.reached_preemption(step)
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-        if pending is not None:
-          finish(pending)   # never checkpoint a state produced from a non-finite loss
-          pending = None
-        ckpt.save(step, state, data_iter, force=stop)
+      do_save = step % config.checkpoint_every == 0 or step == config.total_steps or stop
+      if do_eval or do_save:
+        # Never checkpoint a state produced from a non-finite loss or gradient.
+        row = finish(pending)
+        pending = None
+        if do_eval:
+          row = {**(row or {}), **evaluate()}
+          window["time"] = time.perf_counter()   # keep evaluation out of the step time
+        log(step, row)
+        if do_save:
+          writer.flush()
+          ckpt.save(step, state, data_iter, force=stop)
       if step == crash_at:   # fault injection for the resume tests: a kill -9, no cleanup
         os.kill(os.getpid(), signal.SIGKILL)
       if stop:
@@ -285,7 +311,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
         logging.warning("Preempted: saved step %d to %s; exiting cleanly", step, ckpt.directory)
         break
     if pending is not None:
-      finish(pending)
+      log(pending[0], finish(pending))
   ckpt.wait_until_finished()
   ckpt.close()
   writer.flush()

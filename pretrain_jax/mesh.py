@@ -24,21 +24,29 @@ AXES = ("data", "fsdp", "tensor")
 _MULTI_PROCESS_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when the environment is multi-process.
+def maybe_initialize_distributed(mode: str = "auto") -> None:
+  """Calls `jax.distributed.initialize()` for multi-process jobs.
 
-  Detects SLURM jobs with more than one task, explicit coordinator addresses
-  (`JAX_COORDINATOR_ADDRESS`, used by `launch/`) and multi-host TPU slices
-  (`TPU_WORKER_HOSTNAMES` listing more than one worker). A single process does
-  nothing, so the same entry point runs on a laptop and on a pod.
+  mode: 'auto' initialises when the environment describes several processes:
+  an `srun` step with more than one task (`SLURM_STEP_NUM_TASKS`), an
+  explicit `JAX_COORDINATOR_ADDRESS` (set by `launch/` scripts), or a TPU VM
+  that is one worker of several (`TPU_WORKER_HOSTNAMES`, or
+  `MEGASCALE_COORDINATOR_ADDRESS` for multi-slice). 'on' always
+  initialises (JAX then auto-detects the cluster: TPU pods via the metadata
+  server, SLURM, ...); 'off' never does. A single process does nothing in
+  'auto', so the same entry point runs on a laptop and on a pod.
   """
-  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"--distributed must be auto, on or off, got {mode!r}")
+  if mode == "off":
     return
-  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-  tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if (slurm_tasks > 1 or any(os.environ.get(k) for k in _MULTI_PROCESS_HINTS)
-      or "," in tpu_workers):
-    logging.info("Multi-process environment detected: jax.distributed.initialize()")
+  env = os.environ
+  multi = (int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+           or any(env.get(k) for k in _MULTI_PROCESS_HINTS)
+           or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+           or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS")))
+  if mode == "on" or multi:
+    logging.info("Multi-process job: jax.distributed.initialize()")
     jax.distributed.initialize()
 
 
@@ -92,8 +100,8 @@ def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sh
   """
   devices = list(devices if devices is not None else jax.devices())
   num_slices = _num_slices(devices) if len(devices) > 1 else 1
-  dcn_requested = math.prod(abs(int(mesh_cfg.get(f"dcn_{a}", 1))) for a in AXES)
-  if dcn_requested == 1 and num_slices > 1 and not hasattr(devices[0], "slice_index"):
+  dcn_requested = any(int(mesh_cfg.get(f"dcn_{a}", 1)) != 1 for a in AXES)
+  if not dcn_requested and num_slices > 1 and not hasattr(devices[0], "slice_index"):
     # Several GPU hosts but no DCN split asked for: treat them as one big slice.
     num_slices = 1
   ici, dcn = mesh_shapes(mesh_cfg, len(devices), num_slices)

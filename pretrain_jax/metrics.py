@@ -15,21 +15,37 @@ import jax
 import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
+from etils import epath
 
 
 class JsonlWriter(interface.MetricWriter):
-  """Appends scalars as one JSON line per step."""
+  """Writes scalars as one JSON line per `write_scalars` call.
+
+  Local files are appended to and flushed at once; object-store paths
+  (gs://...), which cannot be appended to, are rewritten whole each time.
+  """
 
   def __init__(self, path: str):
-    self._path = path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    self._file = open(path, "a", encoding="utf-8")
+    self._path = epath.Path(path)
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    self._remote = "://" in str(path)
+    self._lines: list[str] = []
+    if self._remote:
+      self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+      self._file = None
+    else:
+      self._file = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -56,10 +72,12 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._file:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if self._file:
+      self._file.close()
 
 
 def create_writer(workdir: str) -> interface.MetricWriter:
@@ -68,7 +86,7 @@ def create_writer(workdir: str) -> interface.MetricWriter:
     return metric_writers.create_default_writer(workdir, just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+      JsonlWriter(os.fspath(epath.Path(workdir) / "metrics.jsonl")),
   ])
 
 
@@ -76,7 +94,7 @@ def read_jsonl(path: str) -> dict[int, dict[str, float]]:
   """{step: merged row} from a metrics.jsonl; for a key logged twice at one
   step (a step redone after a resume), the later line wins."""
   rows: dict[int, dict[str, float]] = {}
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open() as f:
     for line in f:
       if line.strip():
         row = json.loads(line)

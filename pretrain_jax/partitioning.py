@@ -55,15 +55,47 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Turns this process's slice of the global batch into global jax.Arrays.
+def process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> tuple[int, int]:
+  """(start, count): the rows of every global batch this process's devices hold.
 
-  batch: every leaf [local_batch, ...]; the global batch is the concatenation
-  of all processes' local batches in process order.
+  Processes whose devices hold the same rows (e.g. a tensor axis spanning
+  hosts) get the same rows, so they load the same examples.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  spans = sorted({sl[0].indices(global_batch)[:2] for sl in index_map.values()})
+  start, stop = spans[0][0], max(e for _, e in spans)
+  covered = sum(e - s for s, e in _merge(spans))
+  if covered != stop - start:
+    raise ValueError(
+        f"process {jax.process_index()} holds non-contiguous batch rows {spans}; order the mesh "
+        "so each process's devices are contiguous along ('data', 'fsdp')")
+  return start, stop - start
+
+
+def _merge(spans):
+  merged = []
+  for s, e in spans:
+    if merged and s <= merged[-1][1]:
+      merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+    else:
+      merged.append((s, e))
+  return merged
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                global_batch: int | None = None) -> dict[str, jax.Array]:
+  """Turns this process's rows of the global batch into global jax.Arrays.
+
+  batch: every leaf [count, ...], the rows `process_rows(mesh, global_batch)`
+  of the global batch (all of it for one process).
   """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+  def put(x):
+    x = np.asarray(x)
+    shape = None if global_batch is None else (global_batch, *x.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  return jax.tree.map(put, batch)
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:

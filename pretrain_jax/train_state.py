@@ -51,6 +51,32 @@ def state_shardings(tx: optax.GradientTransformation, boxed_abstract: PyTree,
   return TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
 
 
+def _state_fns(init_fn, tx, rng):
+  init_rng, state_rng = jax.random.split(rng)
+
+  def init(r):
+    params = nn.unbox(init_fn(r))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng)
+  return init, init_rng
+
+
+def abstract_train_state(init_fn: Callable[[jax.Array], PyTree],
+                         tx: optax.GradientTransformation, rng: jax.Array,
+                         mesh: jax.sharding.Mesh, rules=partitioning.RULES):
+  """(TrainState of ShapeDtypeStructs carrying shardings, shardings), allocating nothing.
+
+  The restore target of a checkpoint: resuming never builds a fresh state
+  next to the restored one.
+  """
+  init, init_rng = _state_fns(init_fn, tx, rng)
+  shardings = state_shardings(tx, abstract_params(init_fn, init_rng), mesh, rules)
+  shapes = jax.eval_shape(init, init_rng)
+  abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shardings, shapes)
+  return abstract, shardings
+
+
 def create_train_state(init_fn: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
                        rng: jax.Array, mesh: jax.sharding.Mesh, rules=partitioning.RULES):
   """Creates (state, shardings) with every array born on its devices.
@@ -59,25 +85,11 @@ def create_train_state(init_fn: Callable[[jax.Array], PyTree], tx: optax.Gradien
   rng: the run's key; one half initialises the params, the other is kept as
   the state's base key for per-step randomness.
   """
-  init_rng, state_rng = jax.random.split(rng)
-  boxed = abstract_params(init_fn, init_rng)
-  shardings = state_shardings(tx, boxed, mesh, rules)
-
-  def init(r):
-    params = nn.unbox(init_fn(r))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng)
-
+  init, init_rng = _state_fns(init_fn, tx, rng)
+  shardings = state_shardings(tx, abstract_params(init_fn, init_rng), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)(init_rng)
   return state, shardings
-
-
-def abstract_state(state_or_shardings: TrainState, state_shapes: TrainState) -> TrainState:
-  """ShapeDtypeStructs with shardings, the restore target for a checkpoint."""
-  return jax.tree.map(
-      lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state_or_shardings, state_shapes)
 
 
 def count_params(params: PyTree) -> int:

@@ -45,7 +45,7 @@ def main():
   cfg = load_config("configs/aim/pretrain.py", "variant=tiny")
   cfg.model.dtype = "float32"
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(32, 56, 56, 3)).astype(np.float32),
+  batch = {"image": rng.integers(0, 256, (32, 56, 56, 3), np.uint8),
            "label": np.zeros(32, np.int32), "valid": np.ones(32, np.float32)}
   cfg.optimizer.warmup_steps = 2
   single, m1, change = three_steps(cfg, jax.devices()[:1], dict(data=1, fsdp=1, tensor=1), batch)

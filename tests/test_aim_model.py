@@ -206,7 +206,8 @@ def test_bf16_compute_with_f32_master_params():
   assert out.dtype == jnp.bfloat16
   cfg = load_config("configs/aim/pretrain.py", "variant=tiny")
   loss_fn = aim_train.make_loss_fn(model, cfg.objective)
-  batch = {"image": x, "valid": jnp.ones((2,))}
+  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 256, x.shape), jnp.uint8),
+           "valid": jnp.ones((2,))}
   (loss, _), grads = jax.jit(jax.value_and_grad(
       lambda p: loss_fn(p, batch, jax.random.key(0)), has_aux=True))(params)
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))

@@ -158,5 +158,37 @@ def test_jsonl_writer_writes_one_object_per_step(tmp_path):
 def test_matmul_and_attention_flops():
   assert flops_lib.matmul(2, 3, 4) == 48
   assert flops_lib.attention(1, 10, 8) == 2 * 2 * 10 * 8 * 10
-  assert flops_lib.measured_matmul_peak(n=256, repeats=2) > 1e8
-  assert 0 < flops_lib.mfu(1e9, 1.0) < 1
+  peak, how = flops_lib.peak_flops_per_device(jax.devices()[0])
+  assert "measured" in how and peak == flops_lib.measured_matmul_peak()
+  assert flops_lib.mfu(3e9, 2.0) == pytest.approx(1.5e9 / peak)
+
+
+def test_normalize_images_matches_on_host_and_device():
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
+  from pretrain_jax.data import transforms
+  np.testing.assert_allclose(transforms.normalize_images(jnp.asarray(images)),
+                             transforms.normalize_images(images), atol=1e-6)
+  np.testing.assert_allclose(transforms.normalize_images(images)[0],
+                             transforms.normalize(images[0]), atol=1e-6)
+
+
+def test_distributed_init_is_detected_from_the_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+  for key in ("SLURM_STEP_NUM_TASKS", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
+              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setenv("SLURM_NTASKS", "8")   # an sbatch allocation, outside srun: one process
+  mesh_lib.maybe_initialize_distributed("auto")
+  assert calls == []
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+  mesh_lib.maybe_initialize_distributed("auto")
+  assert calls == [1]
+  mesh_lib.maybe_initialize_distributed("off")
+  assert calls == [1]
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
+  mesh_lib.maybe_initialize_distributed("auto")
+  assert calls == [1, 1]
+  with pytest.raises(ValueError, match="--distributed"):
+    mesh_lib.maybe_initialize_distributed("maybe")

@@ -17,11 +17,14 @@ VARIANTS = {  # width, depth, heads
 
 
 def parse_arg(arg: str) -> dict[str, str]:
-  """'variant=tiny' or 'tiny' -> {'variant': 'tiny'}."""
+  """'variant=tiny' or 'tiny' -> {'variant': 'tiny'}; other keys are an error."""
   out = {}
   for part in filter(None, (arg or "").split(",")):
     key, sep, value = part.partition("=")
     out.update({key: value} if sep else {"variant": key})
+  unknown = set(out) - {"variant"}
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; only variant=... is accepted")
   return out
 
 
@@ -33,8 +36,8 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   tiny = variant == "tiny"
 
   c = ml_collections.ConfigDict()
-  c.variant = variant
-  c.seed = 0
+  c.variant = variant                          # informational: set it with :variant=..., not an override
+  c.seed = 0                                   # seeds init, data order, augmentation, prefixes
   c.batch_size = 32 if tiny else 4096          # global, in images
   c.total_steps = 300 if tiny else (500_000 if variant == "0.6B" else 1_200_000)
   c.log_every = 10 if tiny else 100            # steps between metric lines
@@ -48,8 +51,8 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1                             # FSDP degree per slice (-1: all remaining)
   c.mesh.tensor = 1                            # tensor-parallel degree per slice
   c.mesh.dcn_data = 1                          # data-parallel degree across slices/hosts
-  c.mesh.dcn_fsdp = 1
-  c.mesh.dcn_tensor = 1
+  c.mesh.dcn_fsdp = 1                          # FSDP degree across slices/hosts
+  c.mesh.dcn_tensor = 1                        # tensor-parallel degree across slices/hosts
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "scenes"                      # spec: kind:arg@weight,... (pretrain_jax/data/pipeline.py)
@@ -62,19 +65,19 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.data.workers = 0                           # Grain worker processes (0: in the main process)
   c.data.threads = 2 if tiny else 16           # Grain read threads per process
   c.data.scenes_num = 100_000                  # scenes in the 'scenes' source when no count is given
-  c.data.scenes_seed = 0
+  c.data.scenes_seed = 0                       # seed of the procedural scenes (eval uses another)
   c.data.scenes_resolution = 64 if tiny else 256   # rendered size before cropping
   c.data.tfds_data_dir = ""                    # data_dir for tfds:NAME/SPLIT sources
   c.data.image_key = "image"                   # record/feature holding the image
-  c.data.label_key = "label"
+  c.data.label_key = "label"                   # record/feature holding the class label
 
   c.model = ml_collections.ConfigDict()
   c.model.image_size = c.data.get_ref("image_size")
-  c.model.patch_size = 14
-  c.model.width = width
-  c.model.depth = depth
-  c.model.num_heads = heads
-  c.model.mlp_ratio = 4
+  c.model.patch_size = 14                      # pixels per patch side
+  c.model.width = width                        # embedding dimension d
+  c.model.depth = depth                        # transformer blocks in the trunk
+  c.model.num_heads = heads                    # attention heads (d / 128 at full size)
+  c.model.mlp_ratio = 4                        # MLP hidden width / d, trunk and head
   c.model.head = "mlp"                         # 'mlp' | 'transformer' | 'none' (Table 3e)
   c.model.head_depth = 2 if tiny else 12       # blocks in the pixel head
   c.model.head_width = 128 if tiny else 2048
@@ -92,17 +95,17 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 2e-3 if tiny else 1e-3      # peak learning rate
-  c.optimizer.warmup_steps = 30 if tiny else 5000
+  c.optimizer.warmup_steps = 30 if tiny else 5000   # linear warmup from 0, in steps
   c.optimizer.end_lr = 0.0                     # learning rate at the end of the cosine
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.05
+  c.optimizer.b1 = 0.9                         # Adam first-moment decay
+  c.optimizer.b2 = 0.95                        # Adam second-moment decay
+  c.optimizer.eps = 1e-8                       # Adam epsilon
+  c.optimizer.weight_decay = 0.05              # decoupled (AdamW) decay of matrices
   c.optimizer.clip_norm = 1.0                  # global-norm clipping (0 = off)
   c.optimizer.layer_decay = 1.0                # layer-wise lr decay factor (1.0 = off)
   c.optimizer.no_decay = ("pos_embed", "modality_embed")   # path substrings never decayed (plus all vectors)
 
   c.debug = ml_collections.ConfigDict()
   c.debug.crash_at_step = 0                    # fault injection: SIGKILL self after this step (tests)
-  c.debug.nan_at_step = 0                      # fault injection: NaN loss and gradients at this step (tests)
+  c.debug.nan_at_step = 0                      # fault injection: NaN gradients (finite loss) at this step (tests)
   return c

@@ -16,6 +16,9 @@ import numpy as np
 
 from pretrain_jax.data import records
 
+# Random access: no readahead (the default reads up to 16 MB ahead per lookup).
+_READ_OPTIONS = "readahead_buffer_size:0"
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -42,7 +45,7 @@ class ArrayRecordSource:
       if not os.path.exists(p):
         raise FileNotFoundError(f"ArrayRecord shard not found: {p}")
       try:
-        reader = arm.ArrayRecordReader(p)
+        reader = arm.ArrayRecordReader(p, _READ_OPTIONS)
       except Exception as e:  # the C++ reader raises plain RuntimeError/ValueError
         raise ValueError(f"cannot open ArrayRecord shard {p}: {e}") from e
       counts.append(reader.num_records())
@@ -64,7 +67,7 @@ class ArrayRecordSource:
     shard = int(np.searchsorted(self._starts, index, side="right") - 1)
     local = int(index - self._starts[shard])
     if shard not in self._readers:
-      self._readers[shard] = arm.ArrayRecordReader(self.paths[shard])
+      self._readers[shard] = arm.ArrayRecordReader(self.paths[shard], _READ_OPTIONS)
     where = f"{self.paths[shard]}[{local}]"
     try:
       data = self._readers[shard].read([local])[0]

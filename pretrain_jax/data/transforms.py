@@ -66,6 +66,19 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return image[:, ::-1] if rng.random() < 0.5 else image
 
 
+def normalize_images(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """uint8 [..., 3] -> float32, per-channel standardised; numpy or jax arrays.
+
+  Used on the device inside jitted steps, so batches cross to it as uint8.
+  """
+  if isinstance(images, np.ndarray):
+    xp = np
+  else:
+    import jax.numpy as xp
+  x = images.astype(xp.float32) / 255.0
+  return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+
+
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [H, W, 3], per-channel standardised."""
   x = image.astype(np.float32) / 255.0
