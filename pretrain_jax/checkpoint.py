@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -60,7 +61,15 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except FileNotFoundError as e:
+      if data_iter is not None and "process_" in str(e):
+        raise FileNotFoundError(
+            f"checkpoint {step} in {self.directory} holds data-iterator states for a different "
+            f"number of processes than this run's {jax.process_count()} ({e}); resume with the "
+            "same number of hosts") from e
+      raise
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
     return restored["state"]
 
