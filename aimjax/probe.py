@@ -177,10 +177,10 @@ def train_probes(config, workdir: str) -> dict:
 
 
 def _plot(top1: dict[int, float], path: str, config) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3))
+  """Accuracy per block as a PNG (matplotlib's Figure API: no global backend switch)."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5, 3))
+  ax = fig.subplots()
   blocks = sorted(top1)
   ax.plot(blocks, [100 * top1[b] for b in blocks], marker="o")
   ax.set_xlabel("block")
@@ -189,7 +189,6 @@ def _plot(top1: dict[int, float], path: str, config) -> None:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def main(config, workdir):
