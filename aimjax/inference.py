@@ -45,22 +45,27 @@ def _model_from_config(model_cfg: dict) -> model_lib.AIM:
   return model_lib.AIM(**{k: model_cfg[k] for k in keys if k in model_cfg})
 
 
-def _latest_state_dir(workdir: str) -> str:
+def _state_dir(workdir: str, step: int | None) -> str:
+  """checkpoints/<step>/state of a workdir: `step`, or the latest committed one."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
       ckpt_dir) else []
   if not steps:
     raise FileNotFoundError(f"no committed checkpoint under {ckpt_dir}")
-  return os.path.join(ckpt_dir, str(steps[-1]), "state")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt_dir}; available: {steps}")
+  return os.path.join(ckpt_dir, str(steps[-1] if step is None else step), "state")
 
 
-def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = None):
+def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = None,
+         step: int | None = None):
   """Returns (model, params, preprocess).
 
   path_or_variant: a variant name (random init), a training workdir (its
   latest checkpoint and config.json), a safetensors file written by
   `pretrain_jax.export`, or an official AIM v1 checkpoint (.safetensors/.pth;
   `num_heads` defaults to width / 128, as in every released model).
+  step: for a workdir, the checkpoint step to load (default: the latest).
   """
   if path_or_variant in VARIANTS:
     w, d, h = VARIANTS[path_or_variant]
@@ -74,7 +79,7 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
       cfg = json.load(f)
     model = _model_from_config(cfg["model"])
     import orbax.checkpoint as ocp
-    state = ocp.StandardCheckpointer().restore(_latest_state_dir(path))
+    state = ocp.StandardCheckpointer().restore(_state_dir(path, step))
     return model, state["params"], preprocessing(model.image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no AIM checkpoint or variant named {path!r}; variants: "

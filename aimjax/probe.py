@@ -73,7 +73,8 @@ def train_probes(config, workdir: str) -> dict:
   if not config.init_from:
     raise ValueError("config key 'init_from' must name a workdir, checkpoint or variant")
   os.makedirs(workdir, exist_ok=True)
-  model, trunk_params, _ = aimjax.load(config.init_from, image_size=config.data.image_size)
+  model, trunk_params, _ = aimjax.load(config.init_from, image_size=config.data.image_size,
+                                       step=config.get("init_step") or None)
   if model.image_size != config.data.image_size:
     model = model.clone(image_size=config.data.image_size)
   probe, trunk, layers = build(config, model)

@@ -18,6 +18,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.variant = variant
   c.seed = 0
   c.init_from = ""                       # training workdir, converted checkpoint, safetensors, or a variant (random)
+  c.init_step = 0                        # workdir checkpoint step to probe (0: the latest)
   c.layers = (-1,) if not tiny else (0, 1)   # blocks to probe (negative: from the last)
   c.probe = "attentive"                  # 'attentive' (paper Eq. 4) | 'linear' (average pooling)
   c.causal = False                       # True: probe causal features (paper Table 3d)
