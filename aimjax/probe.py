@@ -91,9 +91,10 @@ def train_probes(config, workdir: str) -> dict:
 
   train_ds = pipeline.train_dataset(config.data, config.batch_size, config.seed)
   eval_ds = pipeline.eval_batches(config.data, config.batch_size, config.data.eval_batches)
-  from pretrain_jax.data.pipeline import make_source, parse_spec
-  (kind, arg, _), = parse_spec(config.data.train)[:1]
-  steps_per_epoch = max(len(make_source(kind, arg, config.data, "train")) // config.batch_size, 1)
+  # An epoch is one pass over the (first) training source.
+  kind, arg, _ = pipeline.parse_spec(config.data.train)[0]
+  steps_per_epoch = max(
+      len(pipeline.make_source(kind, arg, config.data, "train")) // config.batch_size, 1)
   total = steps_per_epoch * config.epochs
   tx, _ = optim.create_optimizer(config.optimizer, total, trainable)
   opt_state = tx.init(trainable)
