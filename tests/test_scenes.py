@@ -31,7 +31,7 @@ def all_scenes(resolution: int = 64):
 def test_class_tables_follow_the_documented_layout():
     assert SEMANTIC_CLASSES[:3] == ("background", "sky", "ground")
     assert SEMANTIC_CLASSES[3:] == OBJECT_SHAPES
-    assert NUM_LABELS == len(OBJECT_SHAPES)
+    assert NUM_LABELS == len(COLOURS)
     assert len(COLOURS) >= 6 and MAX_OBJECTS >= 1
 
 
@@ -140,13 +140,13 @@ def test_ground_depth_grows_toward_the_horizon():
         assert np.all(np.diff([d[0] for d in per_row]) < 0)
 
 
-def test_label_is_the_shape_of_the_largest_visible_object():
+def test_label_is_the_colour_of_the_largest_visible_object():
     labels = set()
     for out in all_scenes():
         label = int(out["label"])
         assert 0 <= label < NUM_LABELS
         sizes = [np.sum(out["instance"] == i) for i in range(1, len(out["boxes"]) + 1)]
-        assert OBJECT_SHAPES[label] == out["objects"][int(np.argmax(sizes))]["shape"]
+        assert list(COLOURS)[label] == out["objects"][int(np.argmax(sizes))]["colour"]
         labels.add(label)
     assert len(labels) > 1
 

@@ -22,7 +22,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.layers = (-1,) if not tiny else (0, 1)   # blocks to probe (negative: from the last)
   c.probe = "attentive"                  # 'attentive' (paper Eq. 4) | 'linear' (average pooling)
   c.causal = False                       # True: probe causal features (paper Table 3d)
-  c.num_classes = 4                      # scenes: shape of the largest object
+  c.num_classes = 8                      # scenes: colour of the largest visible object
   c.epochs = 8 if tiny else 90
   c.batch_size = 64 if tiny else 1024    # global, in images
   c.log_every = 20                       # steps between training-metric lines

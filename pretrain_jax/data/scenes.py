@@ -37,7 +37,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "white": (0.92, 0.92, 0.92),
     "cyan": (0.10, 0.80, 0.85),
 }
-NUM_LABELS: int = len(OBJECT_SHAPES)  # label = shape of the largest visible object
+NUM_LABELS: int = len(COLOURS)  # label = colour of the visible object with the most pixels
 MAX_OBJECTS: int = 5
 SKY_DEPTH: float = 100.0
 GROUND_RADIUS: float = 60.0  # keeps every ground depth finite and below SKY_DEPTH
@@ -307,12 +307,14 @@ def render_scene(seed: int, index: int, resolution: int = 224) -> dict:
     Returns a dict with rgb uint8 [R,R,3], depth float32 [R,R], normals float32 [R,R,3],
     semantic uint8 [R,R], instance uint8 [R,R] (0 = no object, i = row i - 1 of boxes),
     boxes float32 [N,4] (xmin, ymin, xmax, ymax in [0, 1]), box_classes int32 [N], caption str,
-    label int32 0-d array (index into OBJECT_SHAPES of the visible object with the most pixels)
+    label int32 0-d array (index into COLOURS of the colour of the visible object with the most
+    pixels: a scene-level class that needs the object found, not just the mean colour; its shape
+    would be the natural label but is not resolvable at the 4 x 4 patches of the tiny models)
     and objects: N dicts with shape, colour, size ("small"/"large"), centre (world xyz of the
     bounding-box centre) and pixels. N counts the objects with at least one visible pixel, in
     order of the distance of their centre to the world origin. N = 0 only happens at tiny
     resolutions where every object falls between pixel centres; the caption then reads
-    "an empty scene." and the label is the shape of the object nearest the origin."""
+    "an empty scene." and the label is the colour of the object nearest the origin."""
     sc = _sample_scene(seed, index)
     eye, basis, objects, light = sc["eye"][:, None], sc["basis"], sc["objects"], sc["light"][:, None]
     R, P = resolution, resolution * resolution
@@ -395,7 +397,7 @@ def render_scene(seed: int, index: int, resolution: int = 224) -> dict:
         "boxes": boxes,
         "box_classes": sem_lut[keep + 2].astype(np.int32),
         "caption": _caption(visible, sc["basis"]),
-        "label": np.array(OBJECT_SHAPES.index(largest.shape), np.int32),
+        "label": np.array(list(COLOURS).index(largest.colour), np.int32),
         "objects": [
             {"shape": o.shape, "colour": o.colour, "size": o.size,
              "centre": tuple(float(c) for c in o.centre), "pixels": int(counts[k])}
