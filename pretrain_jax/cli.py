@@ -36,10 +36,12 @@ class _LibraryInfoFilter(logging.Filter):
 
 
 def run(main: Callable[[object, str], object],
-        validate: Callable[[object], None] | None = None) -> None:
+        validate: Callable[[object], None] | None = None, require_workdir: bool = True) -> None:
   """Parses flags, runs `validate(config)`, then `main(config, workdir)`.
 
-  Training scripts pass `loop.validate_config` as `validate`.
+  Training scripts pass `loop.validate_config` as `validate`. Tools that
+  write elsewhere (pseudo-labelling) pass require_workdir=False and get the
+  workdir as None when it is not given.
 
   Errors a user can fix (bad config values, missing data, non-finite loss)
   are printed as one line naming the problem instead of a traceback.
@@ -47,12 +49,13 @@ def run(main: Callable[[object, str], object],
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.workdir is None:
+    if FLAGS.workdir is None and require_workdir:
       raise app.UsageError("--workdir is required")
     config = _CONFIG.value
     from pretrain_jax import mesh as mesh_lib  # after flags: may call jax.distributed
     mesh_lib.maybe_initialize_distributed(FLAGS.distributed)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
+    if FLAGS.workdir:
+      os.makedirs(FLAGS.workdir, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
     if not FLAGS.verbose_libraries:
       for handler in logging.getLogger().handlers:

@@ -6,6 +6,7 @@ A data spec is a string, so any mixture is one command-line override:
   arrayrecord:/data/dfn/*.array_record           shards in records.py's format
   tfds:imagenet2012/train                        tfds.data_source, data.tfds_data_dir
   folder:/data/my_images                         class sub-folders
+  webdataset:/data/cc12m                         ml-4m's ROOT/rgb/shard-*.tar (data/webdataset.py)
   arrayrecord:/data/dfn/*.array_record@0.8,tfds:imagenet2012/train@0.2   weighted mixture
 
 Order and augmentation are deterministic functions of the seed and the
@@ -48,10 +49,10 @@ def parse_spec(spec: str) -> list[tuple[str, str, float]]:
       if weight <= 0:
         raise ValueError(f"data spec '{spec}': weights must be positive, got {weight}")
     kind, _, arg = item.partition(":")
-    if kind not in ("scenes", "arrayrecord", "tfds", "folder"):
+    if kind not in ("scenes", "arrayrecord", "tfds", "folder", "webdataset"):
       raise ValueError(
-          f"data spec '{spec}': unknown source kind '{kind}' (use scenes, arrayrecord, tfds "
-          "or folder)")
+          f"data spec '{spec}': unknown source kind '{kind}' (use scenes, arrayrecord, tfds, "
+          "folder or webdataset)")
     parts.append((kind, arg, weight))
   if not parts:
     raise ValueError(f"data spec '{spec}' names no source")
@@ -72,6 +73,9 @@ def make_source(kind: str, arg: str, data_cfg, split: str):
     return sources_lib.TfdsSource(name, tfds_split or split, data_cfg.get("tfds_data_dir") or None,
                                   data_cfg.get("image_key", "image"),
                                   data_cfg.get("label_key", "label"))
+  if kind == "webdataset":
+    from pretrain_jax.data import webdataset
+    return webdataset.WebDatasetSource(arg, data_cfg.get("webdataset_image_modality", "rgb"))
   return sources_lib.ImageFolderSource(arg)
 
 

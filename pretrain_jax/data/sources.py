@@ -81,8 +81,11 @@ class ArrayRecordSource:
     record = records.decode_record(payload)
     if self.image_key not in record:
       raise KeyError(f"record has no '{self.image_key}' field (fields: {sorted(record)})")
-    return {"image": records.decode_image(record[self.image_key]),
-            "label": np.int32(record.get(self.label_key, -1))}
+    out = {"image": records.decode_image(record[self.image_key]),
+           "label": np.int32(record.get(self.label_key, -1))}
+    if isinstance(record.get("caption"), str):
+      out["caption"] = record["caption"]
+    return out
 
   def __getstate__(self):   # readers are not picklable; reopen in each worker
     state = dict(self.__dict__)

@@ -1,0 +1,88 @@
+"""Random access to webdataset tar shards in the layout ml-4m uses.
+
+  ROOT/{modality}/shard-00000.tar, shard-00001.tar, ...
+
+Each tar holds `KEY.EXT` files; files of one sample share KEY across the
+modality folders (`ROOT/rgb/shard-00000.tar:000123.jpg` and
+`ROOT/caption/shard-00000.tar:000123.txt`). The image modality is indexed
+once (member offsets, no extraction); other modalities are looked up by key.
+Records are in the order of the sorted shards and, within a shard, of the tar.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from typing import Any
+
+import numpy as np
+
+from pretrain_jax.data import records
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TEXT_EXTENSIONS = (".txt", ".json")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+  """'dir/000123.jpg' -> ('000123', '.jpg'): webdataset keys end at the first dot of the basename."""
+  base = os.path.basename(name)
+  key, dot, ext = base.partition(".")
+  return key, (dot + ext).lower()
+
+
+def _index(paths: list[str], extensions) -> list[tuple[str, str, int, int]]:
+  """[(key, path, offset, size)] of the members of `paths` whose extension is in `extensions`."""
+  out = []
+  for path in paths:
+    with tarfile.open(path, "r:") as tar:
+      for member in tar:
+        if member.isfile():
+          key, ext = _split_name(member.name)
+          if ext in extensions:
+            out.append((key, path, member.offset_data, member.size))
+  return out
+
+
+def _read(path: str, offset: int, size: int) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(offset)
+    return f.read(size)
+
+
+class WebDatasetSource:
+  """Images of `ROOT/{image_modality}/*.tar` with their captions from `ROOT/{caption_modality}`.
+
+  decode() gives {"image": uint8 [H, W, 3], "label": -1, "caption": str} (no
+  caption key when the sample has none). Captions in `.json` files are read
+  from their "caption" field.
+  """
+
+  def __init__(self, root: str, image_modality: str = "rgb", caption_modality: str = "caption"):
+    paths = sorted(glob.glob(os.path.join(root, image_modality, "*.tar")))
+    if not paths:
+      raise FileNotFoundError(f"no tar shards under {os.path.join(root, image_modality)} "
+                              "(expected ROOT/{modality}/shard-*.tar)")
+    self.root = root
+    self._images = _index(paths, IMAGE_EXTENSIONS)
+    text_paths = sorted(glob.glob(os.path.join(root, caption_modality, "*.tar")))
+    self._captions = {key: (path, off, size) for key, path, off, size in
+                      _index(text_paths, TEXT_EXTENSIONS)}
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int):
+    key, path, offset, size = self._images[index]
+    return f"{path}:{key}", (key, path, offset, size)
+
+  def decode(self, payload) -> dict[str, Any]:
+    key, path, offset, size = payload
+    out: dict[str, Any] = {"image": records.decode_image(_read(path, offset, size)),
+                           "label": np.int32(-1)}
+    if key in self._captions:
+      cpath, coff, csize = self._captions[key]
+      text = _read(cpath, coff, csize).decode("utf-8")
+      out["caption"] = json.loads(text)["caption"] if cpath and text.lstrip().startswith("{") \
+          else text.strip()
+    return out
