@@ -173,3 +173,35 @@ def test_rgb_shows_object_colours_and_is_not_flat():
                 continue  # greys carry no hue
             mean = rgb[out["instance"] == i].mean(axis=0)
             assert mean[np.argmax(colour)] > mean[np.argmin(colour)], obj
+
+
+@pytest.mark.parametrize("seed,index", [(0, 1), (0, 4), (7, 2)])
+def test_normals_from_depth_gradients_agree_with_rendered_normals_on_planes(seed, index):
+    """Back-project depth with the intrinsics, take the cross product of the 3D
+    differences to the right and downward neighbours, and compare with the
+    rendered normals wherever the 3x3 neighbourhood lies on one plane (ground
+    pixels away from anything else, and cube faces)."""
+    out = render_scene(seed, index, 128)
+    R = 128
+    v, u = np.mgrid[0:R, 0:R] + 0.5
+    rays = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(out["intrinsics"]).T
+    points = out["depth"][..., None].astype(np.float64) * rays          # [R, R, 3] camera frame
+    du = points[1:-1, 2:] - points[1:-1, :-2]
+    dv = points[2:, 1:-1] - points[:-2, 1:-1]
+    n = np.cross(dv, du)
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    rendered = out["normals"][1:-1, 1:-1]
+    n *= np.sign((n * rendered).sum(-1, keepdims=True))   # orientation is the renderer's to pick
+    inst, sem = out["instance"], out["semantic"]
+    same = np.ones((R - 2, R - 2), bool)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            same &= inst[1 + di:R - 1 + di, 1 + dj:R - 1 + dj] == inst[1:-1, 1:-1]
+            same &= np.all(out["normals"][1 + di:R - 1 + di, 1 + dj:R - 1 + dj] == rendered, -1) | (
+                sem[1:-1, 1:-1] == GROUND)
+    planar = same & (sem[1:-1, 1:-1] != SKY) & ((sem[1:-1, 1:-1] == GROUND) | (
+        sem[1:-1, 1:-1] == SEMANTIC_CLASSES.index("cube")))
+    assert planar.sum() > 1000
+    cos = np.clip((n * rendered).sum(-1)[planar], -1, 1)
+    angle = np.degrees(np.arccos(cos))
+    assert np.median(angle) < 0.5 and np.percentile(angle, 99) < 3.0, (np.median(angle), angle.max())

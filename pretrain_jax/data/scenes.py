@@ -310,6 +310,8 @@ def render_scene(seed: int, index: int, resolution: int = 224) -> dict:
     label int32 0-d array (index into COLOURS of the colour of the visible object with the most
     pixels: a scene-level class that needs the object found, not just the mean colour; its shape
     would be the natural label but is not resolvable at the 4 x 4 patches of the tiny models)
+    intrinsics float32 [3, 3] (pinhole K: the centre (u, v) = (col + 0.5, row + 0.5) of a pixel
+    sees the camera ray K^-1 [u, v, 1], so depth * K^-1 [u, v, 1] is its 3D point),
     and objects: N dicts with shape, colour, size ("small"/"large"), centre (world xyz of the
     bounding-box centre) and pixels. N counts the objects with at least one visible pixel, in
     order of the distance of their centre to the world origin. N = 0 only happens at tiny
@@ -398,6 +400,8 @@ def render_scene(seed: int, index: int, resolution: int = 224) -> dict:
         "box_classes": sem_lut[keep + 2].astype(np.int32),
         "caption": _caption(visible, sc["basis"]),
         "label": np.array(list(COLOURS).index(largest.colour), np.int32),
+        "intrinsics": np.array([[R / (2 * sc["tan_half"]), 0, R / 2],
+                                [0, R / (2 * sc["tan_half"]), R / 2], [0, 0, 1]], np.float32),
         "objects": [
             {"shape": o.shape, "colour": o.colour, "size": o.size,
              "centre": tuple(float(c) for c in o.centre), "pixels": int(counts[k])}
