@@ -169,6 +169,27 @@ def _duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _shard_range(shard: int, num: int, num_shards: int) -> range:
+  return range(shard * num // num_shards, (shard + 1) * num // num_shards)
+
+
+def _shard_job(args) -> tuple[int, dict[str, Any]]:
+  """Writes one shard in a worker process (config passed as a dict)."""
+  import ml_collections
+  config_dict, spec, out, shard, num, num_shards = args
+  logging.getLogger().setLevel(logging.WARNING)
+  config = ml_collections.ConfigDict(config_dict)
+  source = make_input(spec, config)
+  schema = base_schema(config.resolution, isinstance(source, ScenesInput), config.captions)
+  labs = build_labellers(config, set(schema))
+  for lab in labs:
+    schema.update(lab.outputs)
+  indices = _shard_range(shard, num, num_shards)
+  summary = _write_shard(shard_path(out, shard, num_shards), indices, source, labs, schema,
+                         config, isinstance(source, ScenesInput), _Progress(len(indices)))
+  return shard, summary
+
+
 class _Interrupted(RuntimeError):
   """Raised by the `debug.stop_after_records` fault injection (tests)."""
 
@@ -177,6 +198,8 @@ def _write_shard(path: str, indices: range, source, labellers, schema, config, e
                  progress: _Progress) -> dict[str, Any]:
   from array_record.python import array_record_module as arm
   tmp = path + ".tmp"
+  if os.path.exists(tmp):   # left by an interrupted run: redone from the start
+    os.remove(tmp)
   writer = arm.ArrayRecordWriter(tmp, WRITER_OPTIONS)
   written, skipped = 0, []
   stop_after = config.debug.stop_after_records
@@ -259,22 +282,33 @@ def pseudo_label(config, spec: str, out: str) -> dict[str, Any]:
   schema_lib.write_schema(out, schema)
 
   progress = _Progress(num)
-  total, skipped, reused = 0, [], 0
+  todo = []
+  summaries: dict[int, dict[str, Any]] = {}
   for shard in range(num_shards):
     path = shard_path(out, shard, num_shards)
-    indices = range(shard * num // num_shards, (shard + 1) * num // num_shards)
     if os.path.exists(path) and os.path.exists(path + ".json"):
       with open(path + ".json", encoding="utf-8") as f:
-        summary = json.load(f)
-      reused += 1
-      progress.update(len(indices))
+        summaries[shard] = json.load(f)
+      progress.update(len(_shard_range(shard, num, num_shards)))
     else:
-      for stale in (path + ".tmp", path + ".json"):
-        if os.path.exists(stale):
-          os.remove(stale)
-      summary = _write_shard(path, indices, source, labs, schema, config, exact, progress)
-    total += summary["records"]
-    skipped += summary["skipped"]
+      todo.append(shard)
+  reused = num_shards - len(todo)
+  if config.workers > 0 and len(todo) > 1:
+    # shards are independent: each worker process builds its own source and labellers
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")   # fork is unsafe once JAX has started threads
+    jobs = [(config.to_dict(), spec, out, shard, num, num_shards) for shard in todo]
+    with ctx.Pool(min(config.workers, len(todo))) as pool:
+      for shard, summary in pool.imap_unordered(_shard_job, jobs):
+        summaries[shard] = summary
+        progress.update(len(_shard_range(shard, num, num_shards)))
+  else:
+    for shard in todo:
+      summaries[shard] = _write_shard(shard_path(out, shard, num_shards),
+                                      _shard_range(shard, num, num_shards), source, labs, schema,
+                                      config, exact, progress)
+  total = sum(summaries[i]["records"] for i in range(num_shards))
+  skipped = [x for i in range(num_shards) for x in summaries[i]["skipped"]]
   logging.info("wrote %d records in %d shards under %s (%d shards already done); skipped %d "
                "unreadable images%s", total, num_shards, out, reused, len(skipped),
                "".join(f"\n  {w}: {r}" for w, r in skipped[:20]))

@@ -68,6 +68,13 @@ def test_resume_after_an_interruption_gives_byte_identical_shards(tmp_path):
   assert _files(resumed) == _files(whole)
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  pl.pseudo_label(_config(shards=2), "scenes:6", one)
+  result = pl.pseudo_label(_config(shards=2, workers=2), "scenes:6", two)
+  assert result["records"] == 6 and _files(one) == _files(two)
+
+
 def test_changed_configuration_on_the_same_output_is_refused(tmp_path):
   out = str(tmp_path / "out")
   pl.pseudo_label(_config(shards=1), "scenes:4", out)

@@ -34,6 +34,7 @@ def get_config(arg: str = "scenes") -> ml_collections.ConfigDict:
       "aim_features": {"init_from": "tiny", "layer": -1, "image_size": 224},
   })
   c.batch_size = 32                    # images per labeller call
+  c.workers = 0                        # processes labelling shards in parallel (0: this one)
   c.records_per_shard = 1000           # used when shards = 0
   c.shards = 0
   c.limit = 0                          # label only the first N images (0: all)
