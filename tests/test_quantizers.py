@@ -1,0 +1,102 @@
+"""Quantizers (tokenizers_jax.quantizers): straight-through gradients, EMA, restarts, Memcodes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tokenizers_jax import quantizers as q
+
+
+def _vq_with(codebook, **kw):
+  vq = q.VectorQuantizer(num_codes=codebook.shape[0], code_dim=codebook.shape[1], **kw)
+  v = vq.init({"params": jax.random.key(0)}, jnp.zeros((1, codebook.shape[1])))
+  cb = jnp.asarray(codebook, jnp.float32)
+  v = {"vq": {"codebook": cb, "ema_count": jnp.ones(cb.shape[0]), "ema_sum": cb}}
+  return vq, v
+
+
+def test_nearest_code_and_straight_through_gradient():
+  vq, v = _vq_with(np.eye(3))
+  z = jnp.array([[2.0, 0.5, 0.1], [0.1, -0.3, 4.0]])
+  out, aux = vq.apply(v, z)
+  assert aux["indices"].tolist() == [0, 2]
+  np.testing.assert_allclose(out, [[1, 0, 0], [0, 0, 1]], atol=1e-6)
+  g = jnp.array([[1.0, -2.0, 3.0], [0.5, 0.5, -1.0]])
+  grad_vq = jax.grad(lambda z: jnp.sum(vq.apply(v, z)[0] * g))(z)
+  grad_id = jax.grad(lambda z: jnp.sum(q.l2_normalize(z) * g))(z)
+  np.testing.assert_allclose(grad_vq, grad_id, rtol=1e-6)   # quantization is the identity backwards
+  # commitment: beta * mean ||z_n - q||^2
+  zn = np.asarray(q.l2_normalize(z))
+  want = 0.25 * np.mean(np.sum((zn - np.asarray(out)) ** 2, -1))
+  assert float(aux["commit_loss"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_ema_update_matches_a_hand_computed_case():
+  vq, v = _vq_with(np.eye(2))
+  z = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])           # codes 0, 1, 1
+  (_, aux), new = vq.apply(v, z, train=True, mutable=["vq"], rngs={"restart": jax.random.key(1)})
+  assert aux["indices"].tolist() == [0, 1, 1]
+  np.testing.assert_allclose(new["vq"]["ema_count"], [0.99 + 0.01 * 1, 0.99 + 0.01 * 2], rtol=1e-6)
+  np.testing.assert_allclose(new["vq"]["ema_sum"], [[1.0, 0.0], [0.006, 0.99 + 0.018]], rtol=1e-5,
+                             atol=1e-7)
+  c1 = np.array([0.006, 1.008]) / 1.01
+  np.testing.assert_allclose(new["vq"]["codebook"][1], c1 / np.linalg.norm(c1), rtol=1e-5)
+  np.testing.assert_allclose(new["vq"]["codebook"][0], [1.0, 0.0], atol=1e-7)
+
+
+def test_dead_codes_are_restarted_from_batch_latents():
+  rng = np.random.default_rng(0)
+  cb = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]])
+  vq, v = _vq_with(cb)
+  v["vq"]["ema_count"] = jnp.array([1.0, 1.0, 1.0, 1e-4])       # code 3 has died
+  z = jnp.asarray(rng.normal(size=(64, 3)) + [3.0, 0, 0], jnp.float32)
+  (_, aux), new = vq.apply(v, z, train=True, mutable=["vq"], rngs={"restart": jax.random.key(3)})
+  threshold = 64 / (32 * 4)
+  assert float(new["vq"]["ema_count"][3]) == pytest.approx(threshold)
+  revived = np.asarray(new["vq"]["codebook"][3])
+  zn = np.asarray(q.l2_normalize(z))
+  assert np.min(np.linalg.norm(zn - revived, axis=1)) < 1e-5      # it is one of the batch latents
+  assert not np.allclose(revived, cb[3])
+  assert float(new["vq"]["ema_count"][0]) > threshold            # live codes are kept
+
+
+def test_usage_and_perplexity():
+  vq, v = _vq_with(np.eye(4))
+  _, aux = vq.apply(v, jnp.eye(4))                               # each code once
+  assert float(aux["usage"]) == 1.0 and float(aux["perplexity"]) == pytest.approx(4.0)
+  _, aux = vq.apply(v, jnp.array([[1.0, 0, 0, 0]] * 5))
+  assert float(aux["usage"]) == 0.25 and float(aux["perplexity"]) == pytest.approx(1.0)
+
+
+def test_vq_learns_codes_that_fit_clustered_data():
+  """A few hundred EMA steps on 8 clusters: every cluster gets its own code."""
+  rng = np.random.default_rng(1)
+  centres = q.l2_normalize(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32))
+  vq = q.VectorQuantizer(num_codes=32, code_dim=16, decay=0.9)
+  v = vq.init({"params": jax.random.key(0)}, jnp.zeros((1, 16)))
+
+  @jax.jit
+  def step(v, key):
+    k1, k2 = jax.random.split(key)
+    idx = jax.random.randint(k1, (256,), 0, 8)
+    z = centres[idx] + 0.02 * jax.random.normal(k2, (256, 16))
+    (_, aux), new = vq.apply(v, z, train=True, mutable=["vq"], rngs={"restart": k2})
+    return new, aux
+
+  for i in range(300):
+    v, aux = step(v, jax.random.key(i))
+  _, aux = vq.apply(v, centres)
+  assert len(set(aux["indices"].tolist())) == 8
+  assert float(aux["codebook_loss"]) < 2e-3
+
+
+def test_memcodes_lookup_reproduces_the_forward_and_gradients_reach_the_encoder():
+  m = q.Memcodes(num_codes=16, width=4, dim=8, heads=2)
+  z = jax.random.normal(jax.random.key(1), (3, 5, 4))
+  v = m.init(jax.random.key(0), z)
+  out, aux = m.apply(v, z)
+  assert aux["indices"].shape == (3, 5, 2) and out.shape == z.shape
+  np.testing.assert_allclose(m.apply(v, aux["indices"], method=m.lookup), out, atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(m.apply({"params": p}, z)[0] ** 2))(v["params"])
+  assert float(jnp.abs(grads["to_q"]["kernel"]).sum()) > 0      # through the softmax
+  assert float(jnp.abs(grads["codes"]).sum()) > 0

@@ -1,0 +1,152 @@
+"""Vector quantizers: l2-normalised EMA VQ with dead-code restart, and Memcodes.
+
+VectorQuantizer (4M App. B.3): inputs are projected to a low-dimensional
+latent (32) elsewhere and l2-normalised here; the codebook is l2-normalised
+too, so the nearest code is the one with the largest dot product. The
+codebook is not a parameter: it lives in the 'vq' collection and is updated
+by exponential moving averages (decay 0.99) of the assigned latents, and
+codes whose EMA count falls below B * N_tokens / (c_replace * V) are
+restarted from random latents of the batch. Gradients reach the encoder
+through the straight-through estimator; the commitment loss pulls latents
+to their codes.
+
+Memcodes (Mama et al., used by 4M-21's MLP dVAEs): quantization as one
+attention step over a learned codebook; the forward pass takes the argmax
+code and the backward pass the softmax (straight through).
+
+Both return (quantized [..., D], aux) with aux = {"indices" int32 [...],
+"commit_loss", "codebook_loss", "usage", "perplexity"} (scalars float32).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-5
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-12))
+
+
+def usage_and_perplexity(one_hot: jax.Array, weights: jax.Array | None = None):
+  """one_hot [N, V] -> (share of codes used in the batch, exp(entropy of mean assignment))."""
+  w = jnp.ones(one_hot.shape[:1]) if weights is None else weights
+  probs = jnp.sum(one_hot * w[:, None], 0) / jnp.maximum(jnp.sum(w), 1.0)
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-10)))
+  return jnp.mean((probs > 0).astype(jnp.float32)), jnp.exp(entropy)
+
+
+class VectorQuantizer(nn.Module):
+  """EMA vector quantizer on l2-normalised latents.
+
+  num_codes V, code_dim D; decay: EMA decay; restart_factor: c_replace
+  (a code is dead when its EMA count < N / (c_replace * V), N = latents per
+  batch); commitment: weight beta of the commitment loss.
+  """
+  num_codes: int
+  code_dim: int = 32
+  decay: float = 0.99
+  restart_factor: float = 32.0
+  commitment: float = 0.25
+
+  def setup(self):
+    def init_codes(key):
+      return l2_normalize(jax.random.normal(key, (self.num_codes, self.code_dim)))
+    # The codebook lives in a non-trainable collection; 'vq' must be mutable to update it.
+    self.codebook = self.variable("vq", "codebook",
+                                  lambda: init_codes(self.make_rng("params")))
+    self.ema_count = self.variable("vq", "ema_count", lambda: jnp.ones((self.num_codes,)))
+    self.ema_sum = self.variable("vq", "ema_sum", lambda: self.codebook.value)
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """int [...] -> float [..., D] codes."""
+    return jnp.take(self.codebook.value, indices, axis=0)
+
+  def __call__(self, z: jax.Array, train: bool = False, weights: jax.Array | None = None):
+    """z float [..., D] -> (straight-through quantized [..., D], aux).
+
+    train: update the codebook (EMA and restarts; needs mutable=['vq'] and a
+    'restart' rng). weights: optional [...] 0/1 mask of latents to count.
+    """
+    shape = z.shape
+    flat = l2_normalize(z.reshape(-1, self.code_dim).astype(jnp.float32))
+    w = jnp.ones(flat.shape[:1]) if weights is None else weights.reshape(-1).astype(jnp.float32)
+    codebook = self.codebook.value
+    indices = jnp.argmax(flat @ codebook.T, axis=-1)
+    one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
+    quantized = jnp.take(codebook, indices, axis=0)
+    err = jnp.sum((flat - quantized) ** 2, -1)
+    norm = jnp.maximum(jnp.sum(w), 1.0)
+    commit = jnp.sum(jnp.sum((flat - jax.lax.stop_gradient(quantized)) ** 2, -1) * w) / norm
+    codebook_loss = jnp.sum(err * w) / norm
+    usage, perplexity = usage_and_perplexity(one_hot, w)
+
+    if train and not self.is_initializing():
+      counts = jnp.sum(one_hot * w[:, None], 0)
+      sums = (one_hot * w[:, None]).T @ flat
+      ema_count = self.decay * self.ema_count.value + (1 - self.decay) * counts
+      ema_sum = self.decay * self.ema_sum.value + (1 - self.decay) * sums
+      # dead codes restart from random latents of this batch
+      threshold = jnp.sum(w) / (self.restart_factor * self.num_codes)
+      dead = ema_count < threshold
+      pick = jax.random.choice(self.make_rng("restart"), flat.shape[0], (self.num_codes,),
+                               p=w / jnp.sum(w))
+      samples = flat[pick]
+      ema_count = jnp.where(dead, threshold, ema_count)
+      ema_sum = jnp.where(dead[:, None], samples * threshold, ema_sum)
+      self.ema_count.value, self.ema_sum.value = ema_count, ema_sum
+      self.codebook.value = l2_normalize(ema_sum / jnp.maximum(ema_count, _EPS)[:, None])
+
+    st = flat + jax.lax.stop_gradient(quantized - flat)
+    aux = {"indices": indices.reshape(shape[:-1]).astype(jnp.int32),
+           "commit_loss": self.commitment * commit, "codebook_loss": codebook_loss,
+           "usage": usage, "perplexity": perplexity}
+    return st.reshape(shape).astype(z.dtype), aux
+
+
+class Memcodes(nn.Module):
+  """Attention-based quantization of [..., width] vectors over `num_codes` learned codes.
+
+  Each of `heads` heads picks one code of size `dim` per input vector: logits
+  are scaled dot products of a query projection with the codes; forward uses
+  the argmax, backward the softmax. Output: the chosen codes' value
+  projections, concatenated over heads and projected back to `width`.
+  Indices are int32 [..., heads].
+  """
+  num_codes: int
+  width: int
+  dim: int = 64
+  heads: int = 1
+
+  def setup(self):
+    self.codes = self.param("codes", nn.initializers.normal(1.0),
+                            (self.heads, self.num_codes, self.dim))
+    self.to_q = nn.DenseGeneral((self.heads, self.dim), use_bias=False)
+    self.to_v = nn.DenseGeneral(self.dim, use_bias=False)
+    self.to_out = nn.DenseGeneral(self.width, axis=(-2, -1), use_bias=False)
+
+  def _decode(self, onehot: jax.Array) -> jax.Array:
+    """[..., heads, V] (hard or straight-through) -> [..., width]."""
+    picked = jnp.einsum("...hv,hvd->...hd", onehot, self.to_v(self.codes))
+    return self.to_out(picked)
+
+  def __call__(self, x: jax.Array, train: bool = False, weights: jax.Array | None = None):
+    del train
+    q = self.to_q(x)                                                   # [..., h, d]
+    logits = jnp.einsum("...hd,hvd->...hv", q, self.codes) * self.dim ** -0.5
+    soft = jax.nn.softmax(logits, axis=-1)
+    indices = jnp.argmax(logits, axis=-1)
+    hard = jax.nn.one_hot(indices, self.num_codes, dtype=soft.dtype)
+    out = self._decode(hard + soft - jax.lax.stop_gradient(soft))
+    w = None if weights is None else jnp.repeat(weights.reshape(-1), self.heads)
+    usage, perplexity = usage_and_perplexity(hard.reshape(-1, self.num_codes), w)
+    zero = jnp.zeros((), jnp.float32)
+    aux = {"indices": indices.astype(jnp.int32), "commit_loss": zero, "codebook_loss": zero,
+           "usage": usage, "perplexity": perplexity}
+    return out, aux
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """int [..., heads] -> float [..., width]: what __call__ returns for these codes."""
+    return self._decode(jax.nn.one_hot(indices, self.num_codes))
