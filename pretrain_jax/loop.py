@@ -49,6 +49,9 @@ class Task:
   flops_per_step: analytic FLOPs of one training step (for MFU); when None
     XLA's cost analysis of the compiled step is used.
   num_layers / layer_id: for layer-wise learning-rate decay.
+  init_extra: optional rng -> non-trainable state the step updates (EMA
+    codebooks, ...), kept in TrainState.extra and checkpointed. With it,
+    loss_fn is (params, batch, rng, extra) -> (loss, (metrics, new_extra)).
   """
   init_params: Callable[[jax.Array], PyTree]
   loss_fn: Callable[[PyTree, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -57,6 +60,15 @@ class Task:
   flops_per_step: float | None = None
   num_layers: int = 0
   layer_id: Callable[[str, int], int] = optim.default_layer_id
+  init_extra: Callable[[jax.Array], PyTree] | None = None
+
+  def loss_and_extra(self, params, batch, rng, extra):
+    """(loss, metrics, new_extra) for either form of loss_fn."""
+    if self.init_extra is None:
+      loss, metrics = self.loss_fn(params, batch, rng)
+      return loss, metrics, extra
+    loss, (metrics, new_extra) = self.loss_fn(params, batch, rng, extra)
+    return loss, metrics, new_extra
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,9 +115,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss(params):
-      return task.loss_fn(params, batch, rng)
+      value, metrics, extra = task.loss_and_extra(params, batch, rng, state.extra)
+      return value, (metrics, extra)
 
-    (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    (loss_value, (aux, extra)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     if nan_at_step:
       poison = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
       grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
@@ -113,7 +126,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
                "param_norm": optax.global_norm(params), "lr": schedule(state.step), **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         extra=extra), metrics
   return train_step
 
 
@@ -174,7 +188,8 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   boxed = ts.abstract_params(task.init_params, jax.random.split(rng)[0])
   tx, schedule = optim.create_optimizer(
       config.optimizer, config.total_steps, nn.unbox(boxed), task.num_layers, task.layer_id)
-  target, shardings = ts.abstract_train_state(task.init_params, tx, rng, mesh, rules)
+  target, shardings = ts.abstract_train_state(task.init_params, tx, rng, mesh, rules,
+                                              task.init_extra)
   n_params = ts.count_params(target.params)
   logging.info("Parameters: %s (%.3fB); this process feeds batch rows [%d, %d)",
                f"{n_params:,}", n_params / 1e9, rows[0], rows[0] + rows[1])
@@ -190,7 +205,7 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
     state = ckpt.restore(target, data_iter)
     logging.info("Resuming from step %d", int(state.step))
   else:
-    state, _ = ts.create_train_state(task.init_params, tx, rng, mesh, rules)
+    state, _ = ts.create_train_state(task.init_params, tx, rng, mesh, rules, task.init_extra)
   start_step = int(state.step)
   if start_step >= config.total_steps:
     logging.info("Already at step %d >= total_steps %d: nothing to do", start_step,
@@ -221,14 +236,14 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
 
   eval_step = None
   if task.eval_data is not None and config.get("eval_every", 0):
-    eval_step = jax.jit(lambda p, b: task.loss_fn(p, b, jax.random.key(0)),
-                        in_shardings=(shardings.params, batch_sharding))
+    eval_step = jax.jit(lambda p, e, b: task.loss_and_extra(p, b, jax.random.key(0), e)[:2],
+                        in_shardings=(shardings.params, shardings.extra, batch_sharding))
 
   def evaluate():
     sums, n = {}, 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for batch in task.eval_data(rows):
-        loss, aux = eval_step(state.params, shard(batch))
+        loss, aux = eval_step(state.params, state.extra, shard(batch))
         for k, v in {"loss": loss, **aux}.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

@@ -26,6 +26,8 @@ class TrainState:
   params: PyTree           # unboxed parameters (param dtype, f32 by default)
   opt_state: PyTree        # optax state, sharded like the params it mirrors
   rng: jax.Array           # base PRNG key; step keys are fold_in(rng, step)
+  extra: PyTree            # non-trainable model state updated by the step (e.g. EMA
+                           # codebooks of vector quantizers); {} for most models; replicated
 
 
 def abstract_params(init_fn: Callable[[jax.Array], PyTree], rng: jax.Array) -> PyTree:
@@ -34,7 +36,7 @@ def abstract_params(init_fn: Callable[[jax.Array], PyTree], rng: jax.Array) -> P
 
 
 def state_shardings(tx: optax.GradientTransformation, boxed_abstract: PyTree,
-                    mesh: jax.sharding.Mesh, rules=partitioning.RULES):
+                    mesh: jax.sharding.Mesh, rules=partitioning.RULES, extra_abstract=None):
   """NamedShardings for every leaf of the TrainState.
 
   Optimizer-state copies of the parameter tree (Adam's mu, nu) take the
@@ -48,29 +50,39 @@ def state_shardings(tx: optax.GradientTransformation, boxed_abstract: PyTree,
       tx, lambda _, s: s, opt_abstract, p_sh,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
-  return TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
+  extra_sh = jax.tree.map(lambda _: replicated, extra_abstract or {})
+  return TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated,
+                    extra=extra_sh)
 
 
-def _state_fns(init_fn, tx, rng):
+def _state_fns(init_fn, tx, rng, init_extra=None):
   init_rng, state_rng = jax.random.split(rng)
 
   def init(r):
     params = nn.unbox(init_fn(r))
+    extra = nn.unbox(init_extra(jax.random.fold_in(r, 1))) if init_extra else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng)
+                      opt_state=tx.init(params), rng=state_rng, extra=extra)
   return init, init_rng
+
+
+def _extra_abstract(init_extra, init_rng):
+  if init_extra is None:
+    return {}
+  return nn.unbox(jax.eval_shape(init_extra, jax.random.fold_in(init_rng, 1)))
 
 
 def abstract_train_state(init_fn: Callable[[jax.Array], PyTree],
                          tx: optax.GradientTransformation, rng: jax.Array,
-                         mesh: jax.sharding.Mesh, rules=partitioning.RULES):
+                         mesh: jax.sharding.Mesh, rules=partitioning.RULES, init_extra=None):
   """(TrainState of ShapeDtypeStructs carrying shardings, shardings), allocating nothing.
 
   The restore target of a checkpoint: resuming never builds a fresh state
   next to the restored one.
   """
-  init, init_rng = _state_fns(init_fn, tx, rng)
-  shardings = state_shardings(tx, abstract_params(init_fn, init_rng), mesh, rules)
+  init, init_rng = _state_fns(init_fn, tx, rng, init_extra)
+  shardings = state_shardings(tx, abstract_params(init_fn, init_rng), mesh, rules,
+                              _extra_abstract(init_extra, init_rng))
   shapes = jax.eval_shape(init, init_rng)
   abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shardings, shapes)
@@ -78,15 +90,18 @@ def abstract_train_state(init_fn: Callable[[jax.Array], PyTree],
 
 
 def create_train_state(init_fn: Callable[[jax.Array], PyTree], tx: optax.GradientTransformation,
-                       rng: jax.Array, mesh: jax.sharding.Mesh, rules=partitioning.RULES):
+                       rng: jax.Array, mesh: jax.sharding.Mesh, rules=partitioning.RULES,
+                       init_extra=None):
   """Creates (state, shardings) with every array born on its devices.
 
   init_fn: rng -> boxed params (e.g. `lambda r: model.init(r, x)["params"]`).
   rng: the run's key; one half initialises the params, the other is kept as
   the state's base key for per-step randomness.
+  init_extra: optional rng -> non-trainable state (TrainState.extra).
   """
-  init, init_rng = _state_fns(init_fn, tx, rng)
-  shardings = state_shardings(tx, abstract_params(init_fn, init_rng), mesh, rules)
+  init, init_rng = _state_fns(init_fn, tx, rng, init_extra)
+  shardings = state_shardings(tx, abstract_params(init_fn, init_rng), mesh, rules,
+                              _extra_abstract(init_extra, init_rng))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)(init_rng)
   return state, shardings
