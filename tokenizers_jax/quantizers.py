@@ -57,8 +57,11 @@ class VectorQuantizer(nn.Module):
     # The codebook lives in a non-trainable collection; 'vq' must be mutable to update it.
     self.codebook = self.variable("vq", "codebook",
                                   lambda: init_codes(self.make_rng("params")))
-    self.ema_count = self.variable("vq", "ema_count", lambda: jnp.ones((self.num_codes,)))
-    self.ema_sum = self.variable("vq", "ema_sum", lambda: self.codebook.value)
+    # Counts start at zero: every code is dead at the first training step and restarts
+    # from the batch (a data-dependent init); codes the data never picks keep restarting.
+    self.ema_count = self.variable("vq", "ema_count", lambda: jnp.zeros((self.num_codes,)))
+    self.ema_sum = self.variable("vq", "ema_sum", lambda: jnp.zeros((self.num_codes,
+                                                                    self.code_dim)))
 
   def lookup(self, indices: jax.Array) -> jax.Array:
     """int [...] -> float [..., D] codes."""

@@ -1,0 +1,132 @@
+"""Training image-like tokenizers (ViT VQ-VAEs) on the shared core.
+
+  python -m tokenizers_jax.train --config=configs/tokenizers/vqvae.py:modality=depth,variant=tiny \
+      --workdir=workdir/tok_depth
+
+Data: `scenes:N` renders the modality on the fly; `arrayrecord:GLOB` reads
+the field of pseudo-labelled shards (fourm_jax.pseudo_label). Targets are
+prepared per modality (`prepare`): RGB to [-1, 1], depth standardised per
+image, normals as unit vectors, segmentation as class ids.
+"""
+from __future__ import annotations
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pretrain_jax import loop
+from pretrain_jax.data import multimodal, pipeline
+from tokenizers_jax import vqvae
+
+SCENE_FIELDS = {"rgb": "rgb", "depth": "depth", "normals": "normals", "semantic": "semantic",
+                "edges": "edges"}
+
+
+def prepare(modality: str, value: np.ndarray) -> np.ndarray:
+  """A stored modality -> the tokenizer's input/target (float32, or int32 class ids)."""
+  if modality == "rgb":
+    return np.asarray(value, np.float32) / 127.5 - 1.0
+  if modality == "depth":
+    d = np.asarray(value, np.float32)
+    return (d - d.mean()) / max(float(d.std()), 1e-6)
+  if modality == "normals":
+    return np.asarray(value, np.float32)
+  if modality == "semantic":
+    return np.asarray(value, np.int32)
+  if modality == "edges":
+    return np.asarray(value, np.float32) / 255.0
+  raise ValueError(f"unknown tokenizer modality {modality!r}; known: {sorted(vqvae.MODALITIES)}")
+
+
+class _Scenes:
+  def __init__(self, num: int, seed: int, resolution: int, modality: str):
+    self.num, self.seed, self.resolution, self.modality = num, seed, resolution, modality
+
+  def __len__(self):
+    return self.num
+
+  def __getitem__(self, index):
+    from pretrain_jax.data import scenes
+    s = scenes.render_scene(self.seed, int(index), self.resolution)
+    if self.modality == "edges":
+      from fourm_jax import edges
+      return {"x": prepare("edges", edges.canny_edges(s["rgb"]))}
+    return {"x": prepare(self.modality, s[SCENE_FIELDS[self.modality]])}
+
+
+class _Field(grain.transforms.Map):
+  def __init__(self, field: str, modality: str):
+    self.field, self.modality = field, modality
+
+  def map(self, element):
+    return {"x": prepare(self.modality, element[self.field])}
+
+
+def _dataset(data_cfg, spec: str, modality: str, split: str) -> grain.MapDataset:
+  kind, _, arg = spec.partition(":")
+  if kind == "scenes":
+    seed = data_cfg.scenes_seed if split == "train" else data_cfg.scenes_seed + 1_000_003
+    return grain.MapDataset.source(_Scenes(int(arg or 10_000), seed, data_cfg.resolution,
+                                           modality))
+  if kind == "arrayrecord":
+    field = data_cfg.field or modality
+    return multimodal.dataset(arg, fields=(field,)).map(_Field(field, modality))
+  raise ValueError(f"tokenizer data spec {spec!r}: use scenes:N or arrayrecord:GLOB")
+
+
+def build_model(config) -> vqvae.VQVAE:
+  spec = vqvae.MODALITIES[config.modality]
+  m = config.model
+  return vqvae.VQVAE(spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth,
+                     m.dec_depth, m.heads, m.num_codes, m.code_dim, spec.class_ids,
+                     m.ema_decay, m.restart_factor, m.commitment)
+
+
+def build_task(config) -> loop.Task:
+  if config.modality not in vqvae.MODALITIES:
+    raise ValueError(f"unknown tokenizer modality {config.modality!r}; known: "
+                     f"{sorted(vqvae.MODALITIES)}")
+  model = build_model(config)
+  spec = vqvae.MODALITIES[config.modality]
+  r = config.data.resolution
+  dummy = jnp.zeros((1, r, r), jnp.int32) if spec.class_ids else jnp.zeros(
+      (1, r, r, spec.in_channels) if spec.in_channels > 1 else (1, r, r))
+
+  def init_params(rng):
+    return model.init({"params": rng}, dummy)["params"]
+
+  def init_extra(rng):
+    return {"vq": model.init({"params": rng}, dummy)["vq"]}
+
+  def loss_fn(params, batch, rng, extra):
+    (pred, aux), updates = model.apply({"params": params, **extra}, batch["x"], train=True,
+                                       mutable=["vq"], rngs={"restart": rng})
+    rec = vqvae.reconstruction_loss(spec.loss, pred, batch["x"], spec.out_channels)
+    loss = rec + aux["commit_loss"]
+    metrics = {"reconstruction": rec, "commit": aux["commit_loss"],
+               "codebook_usage": aux["usage"], "perplexity": aux["perplexity"]}
+    return loss, (metrics, {"vq": updates["vq"]})
+
+  def train_data(rows):
+    ds = _dataset(config.data, config.data.train, config.modality, "train")
+    ds = ds.shuffle(seed=config.seed).repeat(None)
+    ds = pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.threads,
+                                                prefetch_buffer_size=2))
+
+  def eval_data(rows):
+    ds = _dataset(config.data, config.data.eval, config.modality, "eval")
+    return pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
+
+  return loop.Task(init_params=init_params, loss_fn=loss_fn, train_data=train_data,
+                   eval_data=eval_data, init_extra=init_extra)
+
+
+def main(config, workdir):
+  loop.train(config, workdir, build_task(config))
+
+
+if __name__ == "__main__":
+  from pretrain_jax import cli
+  cli.run(main, validate=loop.validate_config)

@@ -1,0 +1,174 @@
+"""VQ-VAE with ViT encoder and decoder for image-like modalities (4M App. B.3).
+
+  x [B, H, W, C_in] -> patches of p x p -> ViT encoder -> latent [B, h, w, 32]
+    -> l2-normalised EMA VQ (tokens int32 [B, h, w]) -> ViT decoder -> [B, H, W, C_out]
+
+Positions are 2D sine-cosine computed for the grid at call time, so one
+tokenizer runs at 224 (14 x 14 tokens) and 448 (28 x 28). Per-modality
+reconstruction losses (`reconstruction_loss`): MSE (RGB), smooth L1 (depth,
+normals, feature maps), cross-entropy over classes (segmentation; C_out =
+number of classes, inputs given as class ids are one-hot encoded).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenizers_jax.quantizers import VectorQuantizer
+
+LOSSES = ("mse", "smooth_l1", "cross_entropy")
+
+
+def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
+  """float32 [h * w, dim] fixed 2D sine-cosine positions (row-major), dim % 4 == 0."""
+  if dim % 4:
+    raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+  ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                       indexing="ij")
+  out = [f(c.reshape(-1)[:, None] * omega[None]) for c in (ys, xs) for f in (np.sin, np.cos)]
+  return np.concatenate(out, axis=1).astype(np.float32)
+
+
+class _Block(nn.Module):
+  width: int
+  heads: int
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
+    hd = self.width // self.heads
+    init = nn.initializers.variance_scaling
+    w_qkv = self.param("qkv", nn.with_logical_partitioning(
+        init(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2, 3)),
+        ("embed", "qkv", "heads", "kv")), (self.width, 3, self.heads, hd))
+    w_proj = self.param("proj", nn.with_logical_partitioning(
+        init(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2),
+        ("heads", "kv", "embed")), (self.heads, hd, self.width))
+    qkv = jnp.einsum("btd,dshk->btshk", y, w_qkv)
+    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    x = x + jnp.einsum("bthk,hkd->btd", y, w_proj)
+    y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
+    y = nn.Dense(self.width * self.mlp_ratio, name="fc1", kernel_init=nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), ("embed", "mlp")))(y)
+    y = nn.Dense(self.width, name="fc2", kernel_init=nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), ("mlp", "embed")))(nn.gelu(y))
+    return x + y
+
+
+class _ViT(nn.Module):
+  """[B, h, w, C] -> [B, h, w, width] -> blocks -> [B, h, w, out]."""
+  width: int
+  depth: int
+  heads: int
+  out: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, _ = x.shape
+    x = nn.Dense(self.width, name="proj_in")(x).reshape(b, h * w, self.width)
+    x = x + jnp.asarray(sincos_2d(h, w, self.width))[None]
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
+                                       "activation_embed"))
+    for i in range(self.depth):
+      x = _Block(self.width, self.heads, name=f"blocks_{i}")(x)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    return nn.Dense(self.out, name="proj_out")(x).reshape(b, h, w, self.out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalitySpec:
+  """in_channels (class count for class-id inputs), out_channels, loss, class_ids input."""
+  in_channels: int
+  out_channels: int
+  loss: str
+  class_ids: bool = False
+
+
+MODALITIES = {
+    "rgb": ModalitySpec(3, 3, "mse"),
+    "depth": ModalitySpec(1, 1, "smooth_l1"),
+    "normals": ModalitySpec(3, 3, "smooth_l1"),
+    "semantic": ModalitySpec(7, 7, "cross_entropy", class_ids=True),
+    "edges": ModalitySpec(1, 1, "mse"),
+}
+
+
+class VQVAE(nn.Module):
+  """ViT VQ-VAE. Sizes: patch p, encoder/decoder width, depth, heads; codebook V x code_dim."""
+  in_channels: int
+  out_channels: int
+  patch_size: int = 16
+  width: int = 768
+  enc_depth: int = 12
+  dec_depth: int = 12
+  heads: int = 12
+  num_codes: int = 8192
+  code_dim: int = 32
+  class_ids: bool = False      # inputs are int class ids [B, H, W] (one-hot encoded here)
+  ema_decay: float = 0.99
+  restart_factor: float = 32.0
+  commitment: float = 0.25
+
+  def setup(self):
+    self.encoder = _ViT(self.width, self.enc_depth, self.heads, self.code_dim)
+    self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, self.ema_decay,
+                                     self.restart_factor, self.commitment)
+    self.decoder = _ViT(self.width, self.dec_depth, self.heads,
+                        self.patch_size ** 2 * self.out_channels)
+
+  def _patchify(self, x):
+    if self.class_ids:
+      x = jax.nn.one_hot(x, self.in_channels)
+    elif x.ndim == 3:
+      x = x[..., None]
+    b, hh, ww, c = x.shape
+    p = self.patch_size
+    if hh % p or ww % p:
+      raise ValueError(f"image {hh}x{ww} is not a multiple of the patch size {p}")
+    x = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hh // p, ww // p, p * p * c)
+
+  def _unpatchify(self, y):
+    b, h, w, _ = y.shape
+    p, c = self.patch_size, self.out_channels
+    y = y.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, h * p, w * p, c)
+
+  def encode(self, x, train: bool = False):
+    """x [B, H, W(, C)] -> (straight-through codes [B, h, w, D], aux with 'indices' [B, h, w])."""
+    return self.quantizer(self.encoder(self._patchify(x)), train=train)
+
+  def decode_codes(self, codes):
+    """[B, h, w, D] -> [B, H, W, C_out] (class logits for segmentation)."""
+    return self._unpatchify(self.decoder(codes))
+
+  def decode_tokens(self, tokens):
+    """int [B, h, w] -> [B, H, W, C_out]."""
+    return self.decode_codes(self.quantizer.lookup(tokens))
+
+  def tokenize(self, x):
+    """x -> int32 tokens [B, h, w]."""
+    return self.encode(x)[1]["indices"]
+
+  def __call__(self, x, train: bool = False):
+    codes, aux = self.encode(x, train)
+    return self.decode_codes(codes), aux
+
+
+def reconstruction_loss(kind: str, pred, target, num_classes: int = 0):
+  """Mean per-element loss. pred [B, H, W, C]; target [B, H, W(, C)] (class ids for CE)."""
+  if kind == "mse":
+    return jnp.mean((pred - target.reshape(pred.shape)) ** 2)
+  if kind == "smooth_l1":
+    d = jnp.abs(pred - target.reshape(pred.shape))
+    return jnp.mean(jnp.where(d < 1.0, 0.5 * d * d, d - 0.5))
+  if kind == "cross_entropy":
+    logp = jax.nn.log_softmax(pred, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), -1))
+  raise ValueError(f"unknown reconstruction loss {kind!r}; known: {LOSSES}")
