@@ -1,0 +1,24 @@
+"""Turning pseudo-labelled shards into token shards (tokenizers_jax.tokenize).
+
+  python -m tokenizers_jax.tokenize --config=configs/tokenizers/tokenize.py \
+      --input='data/scenes_4m/*.array_record' --out=data/scenes_4m_tokens \
+      --config.image_tokenizers.depth=workdir/tok_depth --config.text_tokenizer=tok.json
+"""
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.input = ""
+  c.out = ""
+  # modality -> tokenizers_jax.train workdir ('' = not tokenised)
+  c.image_tokenizers = ml_collections.ConfigDict(
+      {"rgb": "", "depth": "", "normals": "", "semantic": "", "edges": ""})
+  c.text_tokenizer = ""        # WordPiece file (tokenizers_jax.text); '' = no sequence modalities
+  c.class_names = "scenes"     # box class ids -> names: 'scenes' or comma-separated names
+  c.palette_size = 3           # which of the 1..7-colour palettes to tokenise
+  c.max_len = 256              # longest sequence, [EOS] included
+  c.batch_size = 32
+  c.debug = ml_collections.ConfigDict({"stop_after_records": 0})   # fault injection (tests)
+  return c

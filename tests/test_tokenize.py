@@ -1,0 +1,84 @@
+"""Pseudo-labelled shards -> token shards (tokenizers_jax.tokenize): content, determinism, resume."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from fourm_jax import pseudo_label as pl
+from pretrain_jax import loop
+from pretrain_jax.data import multimodal, schema as schema_lib
+from pretrain_jax.data.scenes import SEMANTIC_CLASSES, render_scene
+from tokenizers_jax import sequences, text, tokenize as tok_lib
+from tokenizers_jax import train as tok_train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tok")
+  cfg = load_config("configs/fourm/pseudo_label.py", "scenes")
+  cfg.resolution, cfg.shards = 32, 3
+  pl.pseudo_label(cfg, "scenes:9", str(root / "labelled"))
+  tcfg = load_config("configs/tokenizers/vqvae.py", "modality=depth,variant=tiny")
+  tcfg.total_steps, tcfg.checkpoint_every, tcfg.eval_every = 20, 20, 0
+  tcfg.optimizer.warmup_steps = 5
+  loop.train(tcfg, str(root / "tok_depth"), tok_train.build_task(tcfg))
+  captions = [render_scene(0, i, 32)["caption"] for i in range(200)]
+  wp = text.fit_wordpiece(captions, vocab_size=4500, extra_words=text.MARKER_WORDS + SEMANTIC_CLASSES)
+  wp.save(str(root / "text.json"))
+  return root
+
+
+def _config(root, **debug):
+  c = load_config("configs/tokenizers/tokenize.py", "")
+  c.image_tokenizers.depth = str(root / "tok_depth")
+  c.text_tokenizer = str(root / "text.json")
+  c.batch_size = 2
+  c.debug.stop_after_records = debug.get("stop_after_records", 0)
+  return c
+
+
+def _files(d):
+  return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(f"{d}/*"))}
+
+
+def test_token_shards_hold_image_tokens_and_sequences(setup):
+  out = str(setup / "tokens")
+  result = tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", out)
+  assert result == {"shards": 3, "written": 3, "records": 9}
+  schema = schema_lib.read_schema(out)
+  assert set(schema) == {"index", "key", "tok_depth", "caption", "det", "color_palette", "metadata"}
+  ds = multimodal.dataset(f"{out}/*.array_record")
+  rec, truth = ds[4], render_scene(0, 4, 32)
+  assert rec["tok_depth"].shape == (4, 4) and rec["tok_depth"].dtype == np.int32
+  wp = text.load(str(setup / "text.json"))
+  assert text.decode(wp, rec["caption"]) == truth["caption"]
+  boxes, names = sequences.decode_boxes(text.decode(wp, rec["det"]))
+  assert names == [SEMANTIC_CLASSES[c] for c in truth["box_classes"]]
+  assert np.abs(boxes - truth["boxes"]).max() <= 0.5 / 999 + 1e-6
+  assert len(sequences.decode_palette(text.decode(wp, rec["color_palette"]))) == 3
+  meta = sequences.decode_metadata(text.decode(wp, rec["metadata"]))
+  assert meta["sam_clutter"] == len(truth["boxes"])
+  # image tokens are those of the tokenizer applied directly
+  tok = tok_lib.ImageTokenizer(str(setup / "tok_depth"))
+  np.testing.assert_array_equal(tok([truth["depth"].astype(np.float16)])[0], rec["tok_depth"])
+
+
+def test_tokenizing_is_deterministic_and_resumes_after_an_interruption(setup):
+  whole, resumed = str(setup / "whole"), str(setup / "resumed")
+  tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", whole)
+  with pytest.raises(RuntimeError, match="stop_after_records"):
+    tok_lib.tokenize(_config(setup, stop_after_records=4), f"{setup}/labelled/*.array_record",
+                     resumed)
+  assert any(n.endswith(".tmp") for n in os.listdir(resumed))
+  again = tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", resumed)
+  assert again["written"] == 2
+  assert _files(resumed) == _files(whole)
+
+
+def test_a_tokenizer_for_another_modality_is_refused(setup):
+  c = _config(setup)
+  c.image_tokenizers.normals = str(setup / "tok_depth")
+  with pytest.raises(ValueError, match="image_tokenizers.normals points at a 'depth' tokenizer"):
+    tok_lib.tokenize(c, f"{setup}/labelled/*.array_record", str(setup / "x"))

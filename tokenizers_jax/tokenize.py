@@ -1,0 +1,171 @@
+"""Pseudo-labelled shards -> token shards for 4M training.
+
+  python -m tokenizers_jax.tokenize --config=configs/tokenizers/tokenize.py \
+      --input='data/scenes_4m/*.array_record' --out=data/scenes_4m_tokens \
+      --config.image_tokenizers.depth=workdir/tok_depth \
+      --config.text_tokenizer=data/text_tokenizer.json
+
+Each input shard becomes one output shard of the same name holding, per
+record, `index`, `key` and one int32 field per tokenised modality:
+`tok_<modality>` [h, w] from a trained image tokenizer (a tokenizers_jax.train
+workdir), and for sequence modalities the WordPiece ids ending in [EOS]:
+`caption`, `det` (boxes with their class names), `color_palette` (the
+palette with `palette_size` colours) and `metadata` (every metadata map of the
+record, in a fixed order). Output shards are written to `.tmp` and renamed,
+so a rerun skips finished shards and redoes a half-written one; the result
+is deterministic, byte for byte.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pretrain_jax.data import multimodal, records, schema as schema_lib
+from pretrain_jax.data.schema import FieldSpec
+from pretrain_jax.data.sources import ArrayRecordSource
+from tokenizers_jax import sequences, text
+from tokenizers_jax import train as tok_train
+
+WRITER_OPTIONS = "group_size:1"
+METADATA_FIELDS = ("image_metadata", "semantic_metadata", "geometric_metadata", "caption_length")
+
+
+class ImageTokenizer:
+  """A trained VQ-VAE from its training workdir (config.json + latest checkpoint)."""
+
+  def __init__(self, workdir: str):
+    import orbax.checkpoint as ocp
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+      raise FileNotFoundError(f"{workdir} is not a tokenizer training workdir (no config.json)")
+    with open(cfg_path, encoding="utf-8") as f:
+      self.config = ml_collections.ConfigDict(json.load(f))
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if os.path.isdir(ckpt) else []
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {ckpt}")
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(steps[-1]), "state"))
+    self.variables = {"params": state["params"], **state["extra"]}
+    self.modality = self.config.modality
+    self.model = tok_train.build_model(self.config)
+    self._fn = jax.jit(lambda v, x: self.model.apply(v, x, method=self.model.tokenize))
+
+  def __call__(self, values: list[np.ndarray]) -> np.ndarray:
+    x = np.stack([tok_train.prepare(self.modality, v) for v in values])
+    return np.asarray(self._fn(self.variables, jnp.asarray(x)), np.int32)
+
+
+def _class_names(config) -> tuple[str, ...]:
+  if config.class_names == "scenes":
+    from pretrain_jax.data import scenes
+    return scenes.SEMANTIC_CLASSES
+  return tuple(config.class_names.split(","))
+
+
+def output_schema(config, in_schema: dict[str, FieldSpec], image_toks) -> dict[str, FieldSpec]:
+  out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
+  for tok in image_toks.values():
+    r, p = tok.config.data.resolution, tok.config.model.patch_size
+    out[f"tok_{tok.modality}"] = FieldSpec("array", "int32", (r // p, r // p))
+  if config.text_tokenizer:
+    for name, needs in (("caption", ("caption",)), ("det", ("boxes", "box_classes")),
+                        ("color_palette", ("color_palette",))):
+      if all(n in in_schema for n in needs):
+        out[name] = FieldSpec("array", "int32", (None,))
+    if any(m in in_schema for m in METADATA_FIELDS):
+      out["metadata"] = FieldSpec("array", "int32", (None,))
+  return out
+
+
+def _sequences(rec: dict[str, Any], schema, tok, config, names) -> dict[str, np.ndarray]:
+  out = {}
+  enc = lambda s: np.array(text.encode(tok, s, config.max_len), np.int32)
+  if "caption" in schema:
+    out["caption"] = enc(rec["caption"])
+  if "det" in schema:
+    out["det"] = enc(sequences.encode_boxes(rec["boxes"], [names[c] for c in rec["box_classes"]]))
+  if "color_palette" in schema:
+    k = config.palette_size
+    out["color_palette"] = enc(sequences.encode_palette(rec["color_palette"][k - 1, :k]))
+  if "metadata" in schema:
+    meta = {}
+    for field in METADATA_FIELDS:
+      meta.update({k: v for k, v in rec.get(field, {}).items() if k in sequences.METADATA_RANGES})
+    out["metadata"] = enc(sequences.encode_metadata(meta))
+  return out
+
+
+def tokenize(config, pattern: str, out: str) -> dict[str, int]:
+  """Tokenises every shard of `pattern` into `out`; returns {"shards", "written", "records"}."""
+  from array_record.python import array_record_module as arm
+  source = ArrayRecordSource(pattern)
+  in_schema = schema_lib.read_schema(os.path.dirname(source.paths[0]))
+  image_toks = {m: ImageTokenizer(w) for m, w in config.image_tokenizers.items() if w}
+  for m, tok in image_toks.items():
+    if tok.modality != m:
+      raise ValueError(f"image_tokenizers.{m} points at a {tok.modality!r} tokenizer")
+    if m not in in_schema:
+      raise ValueError(f"the input shards have no {m!r} field to tokenise (fields: "
+                       f"{sorted(in_schema)})")
+  tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
+  schema = output_schema(config, in_schema, image_toks)
+  os.makedirs(out, exist_ok=True)
+  schema_lib.write_schema(out, schema)
+  names = _class_names(config)
+  fields = [f for f in in_schema if f not in ("image",)]
+  written = records_out = 0
+  for path in source.paths:
+    final = os.path.join(out, os.path.basename(path))
+    if os.path.exists(final):
+      continue
+    ds = multimodal.dataset([path], fields=fields, schema=in_schema)
+    tmp = final + ".tmp"
+    writer = arm.ArrayRecordWriter(tmp, WRITER_OPTIONS)
+    try:
+      for start in range(0, len(ds), config.batch_size):
+        recs = [ds[i] for i in range(start, min(start + config.batch_size, len(ds)))]
+        toks = {m: t([r[m] for r in recs]) for m, t in image_toks.items()}
+        for j, rec in enumerate(recs):
+          row = {"index": rec["index"], "key": rec["key"]}
+          row.update({f"tok_{m}": toks[m][j] for m in image_toks})
+          if tok is not None:
+            row.update(_sequences(rec, schema, tok, config, names))
+          bad = schema_lib.problems(row, schema)
+          if bad:
+            raise ValueError(f"{rec['key']}: token record does not match the schema: {bad}")
+          writer.write(records.encode_record(row))
+          records_out += 1
+        if config.debug.stop_after_records and records_out >= config.debug.stop_after_records:
+          raise RuntimeError(f"debug.stop_after_records={config.debug.stop_after_records}")
+    finally:
+      writer.close()
+    os.replace(tmp, final)
+    written += 1
+    logging.info("tokenised %s -> %s (%d records)", path, final, len(ds))
+  return {"shards": len(source.paths), "written": written, "records": records_out}
+
+
+def main(config, workdir):
+  del workdir
+  from absl import flags
+  pattern, out = flags.FLAGS.input or config.input, flags.FLAGS.out or config.out
+  if not pattern or not out:
+    raise ValueError("pass --input=SHARDS and --out=DIR (or config.input / config.out)")
+  result = tokenize(config, pattern, out)
+  print(f"tokenised {result['written']} of {result['shards']} shards "
+        f"({result['shards'] - result['written']} already done) into {out}")
+
+
+if __name__ == "__main__":
+  from absl import flags as _flags
+  from pretrain_jax import cli
+  _flags.DEFINE_string("input", "", "Pseudo-labelled shards (glob or comma-separated paths).")
+  _flags.DEFINE_string("out", "", "Output directory for the token shards.")
+  cli.run(main, require_workdir=False)
