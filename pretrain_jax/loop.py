@@ -49,6 +49,8 @@ class Task:
   flops_per_step: analytic FLOPs of one training step (for MFU); when None
     XLA's cost analysis of the compiled step is used.
   num_layers / layer_id: for layer-wise learning-rate decay.
+  on_eval: optional (params, extra, step, workdir) -> None, called on every
+    process after each evaluation (e.g. to write reconstruction images).
   init_extra: optional rng -> non-trainable state the step updates (EMA
     codebooks, ...), kept in TrainState.extra and checkpointed. With it,
     loss_fn is (params, batch, rng, extra) -> (loss, (metrics, new_extra)).
@@ -61,6 +63,7 @@ class Task:
   num_layers: int = 0
   layer_id: Callable[[str, int], int] = optim.default_layer_id
   init_extra: Callable[[jax.Array], PyTree] | None = None
+  on_eval: Callable[[PyTree, PyTree, int, str], None] | None = None
 
   def loss_and_extra(self, params, batch, rng, extra):
     """(loss, metrics, new_extra) for either form of loss_fn."""
@@ -314,6 +317,9 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
         pending = None
         if do_eval:
           row = {**(row or {}), **evaluate()}
+          if task.on_eval is not None:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+              task.on_eval(state.params, state.extra, step, os.fspath(workdir))
           window["time"] = time.perf_counter()   # keep evaluation out of the step time
         log(step, row)
         if do_save:

@@ -34,6 +34,9 @@ def test_depth_tokenizer_beats_the_mean_prediction(tmp_path):
   rec = row["eval/reconstruction"]
   assert rec < 0.25 * baseline, (rec, baseline)      # measured: about 0.015 vs 0.40
   assert row["eval/perplexity"] > 16                  # the codebook is used, not collapsed
+  from PIL import Image
+  grid = np.asarray(Image.open(tmp_path / "reconstructions" / "step_000300.png"))
+  assert grid.shape == (2 * 34, 8 * 34, 3) and grid.std() > 10   # targets over reconstructions
 
   # the EMA codebook is part of the checkpointed state and moved away from its init
   restored = ocp.StandardCheckpointer().restore(

@@ -75,6 +75,37 @@ def _dataset(data_cfg, spec: str, modality: str, split: str) -> grain.MapDataset
   raise ValueError(f"tokenizer data spec {spec!r}: use scenes:N or arrayrecord:GLOB")
 
 
+def to_rgb(modality: str, x: np.ndarray) -> np.ndarray:
+  """A prepared modality (or its reconstruction; class logits for segmentation) -> uint8 [H, W, 3]."""
+  x = np.asarray(x, np.float32)
+  if modality == "semantic":
+    ids = x.argmax(-1) if x.ndim == 3 else x.astype(np.int64)
+    palette = np.array([(0, 0, 0), (120, 170, 230), (150, 140, 120), (220, 60, 60),
+                        (60, 180, 80), (70, 90, 220), (230, 200, 50)], np.float32)
+    return palette[np.clip(ids, 0, len(palette) - 1)].astype(np.uint8)
+  if x.ndim == 3 and x.shape[-1] == 1:
+    x = x[..., 0]
+  if modality in ("rgb", "normals"):
+    out = (np.clip(x, -1, 1) + 1) / 2
+  elif modality == "depth":
+    lo, hi = np.percentile(x, 1), np.percentile(x, 99)
+    out = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+  else:
+    out = np.clip(x, 0, 1)
+  if out.ndim == 2:
+    out = np.repeat(out[..., None], 3, -1)
+  return (out * 255).round().astype(np.uint8)
+
+
+def reconstruction_grid(modality: str, targets: np.ndarray, recons: np.ndarray) -> np.ndarray:
+  """uint8 [2 H + 2, N (W + 2), 3]: targets on the top row, reconstructions below."""
+  tiles = []
+  for row in (targets, recons):
+    tiles.append(np.concatenate([np.pad(to_rgb(modality, x), ((1, 1), (1, 1), (0, 0)),
+                                        constant_values=255) for x in row], axis=1))
+  return np.concatenate(tiles, axis=0)
+
+
 def build_model(config) -> vqvae.VQVAE:
   spec = vqvae.MODALITIES[config.modality]
   m = config.model
@@ -119,8 +150,25 @@ def build_task(config) -> loop.Task:
     ds = _dataset(config.data, config.data.eval, config.modality, "eval")
     return pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
 
+  recon_fn = jax.jit(lambda p, e, x: model.apply({"params": p, **e}, x)[0])
+
+  def on_eval(params, extra, step, workdir):
+    """Writes workdir/reconstructions/step_XXXXXX.png (8 validation samples)."""
+    from jax.experimental import multihost_utils
+    from PIL import Image
+    ds = _dataset(config.data, config.data.eval, config.modality, "eval")
+    n = min(8, len(ds))
+    x = np.stack([ds[i]["x"] for i in range(n)])
+    recon = multihost_utils.process_allgather(recon_fn(params, extra, jnp.asarray(x)),
+                                              tiled=True)
+    if jax.process_index() == 0:
+      import os
+      os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
+      Image.fromarray(reconstruction_grid(config.modality, x, np.asarray(recon))).save(
+          os.path.join(workdir, "reconstructions", f"step_{step:06d}.png"))
+
   return loop.Task(init_params=init_params, loss_fn=loss_fn, train_data=train_data,
-                   eval_data=eval_data, init_extra=init_extra)
+                   eval_data=eval_data, init_extra=init_extra, on_eval=on_eval)
 
 
 def main(config, workdir):
