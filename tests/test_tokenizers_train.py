@@ -13,6 +13,7 @@ from tokenizers_jax import train as tok_train
 
 
 def _train(modality, workdir, steps=300):
+  """Trains the tiny tokenizer of `modality`; returns (config, metrics row of the last step)."""
   cfg = load_config("configs/tokenizers/vqvae.py", f"modality={modality},variant=tiny")
   cfg.total_steps, cfg.eval_every, cfg.checkpoint_every = steps, steps, steps
   cfg.data.eval, cfg.data.eval_batches = "scenes:64", 2
@@ -61,3 +62,19 @@ def test_segmentation_tokenizer_beats_the_class_frequency_prediction(tmp_path):
   baseline = float(-np.sum(p[p > 0] * np.log(p[p > 0])))   # CE of predicting the frequencies
   rec = row["eval/reconstruction"]
   assert rec < 0.5 * baseline, (rec, baseline)
+
+
+def test_sam_instance_mask_tokenizer_gives_16_tokens_and_beats_the_pixel_prior(tmp_path):
+  """4M-21 App. D.3: one instance, cropped to its box and resized to 64 x 64, -> 16 tokens."""
+  from tokenizers_jax import tokenize as tok_lib
+  from pretrain_jax.data.scenes import render_scene
+  truth = render_scene(0, 3, 64)
+  crop = tok_train.instance_mask_crop(truth["instance"], truth["boxes"], 0, 64)
+  assert crop.shape == (64, 64) and crop[32, 32] == 1 and 0.3 < crop.mean() <= 1
+  cfg, row = _train("sam_mask", str(tmp_path), steps=150)
+  x = _eval_targets(cfg, "sam_mask")
+  p = x.mean()
+  baseline = float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+  assert row["eval/reconstruction"] < 0.5 * baseline, (row["eval/reconstruction"], baseline)
+  tok = tok_lib.ImageTokenizer(str(tmp_path))
+  assert tok([crop])[0].shape == (4, 4)

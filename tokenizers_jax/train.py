@@ -36,6 +36,8 @@ def prepare(modality: str, value: np.ndarray) -> np.ndarray:
     return np.asarray(value, np.int32)
   if modality == "edges":
     return np.asarray(value, np.float32) / 255.0
+  if modality == "sam_mask":
+    return (np.asarray(value) > 0).astype(np.int32)
   raise ValueError(f"unknown tokenizer modality {modality!r}; known: {sorted(vqvae.MODALITIES)}")
 
 
@@ -52,7 +54,26 @@ class _Scenes:
     if self.modality == "edges":
       from fourm_jax import edges
       return {"x": prepare("edges", edges.canny_edges(s["rgb"]))}
+    if self.modality == "sam_mask":
+      return {"x": prepare("sam_mask", instance_mask_crop(s["instance"], s["boxes"],
+                                                          int(index) % max(len(s["boxes"]), 1),
+                                                          self.resolution))}
     return {"x": prepare(self.modality, s[SCENE_FIELDS[self.modality]])}
+
+
+def instance_mask_crop(instance: np.ndarray, boxes: np.ndarray, i: int, size: int) -> np.ndarray:
+  """Instance i + 1's mask cropped to its box and resized (nearest) to uint8 [size, size]."""
+  mask = (instance == i + 1).astype(np.uint8)
+  if not len(boxes):
+    return np.zeros((size, size), np.uint8)
+  h, w = mask.shape
+  x0, y0, x1, y1 = boxes[i]
+  r0, r1 = int(round(y0 * h)), max(int(round(y1 * h)), int(round(y0 * h)) + 1)
+  c0, c1 = int(round(x0 * w)), max(int(round(x1 * w)), int(round(x0 * w)) + 1)
+  crop = mask[r0:r1, c0:c1]
+  rows = (np.arange(size) * crop.shape[0] // size)
+  cols = (np.arange(size) * crop.shape[1] // size)
+  return crop[rows][:, cols]
 
 
 class _Field(grain.transforms.Map):
@@ -83,6 +104,8 @@ def to_rgb(modality: str, x: np.ndarray) -> np.ndarray:
     palette = np.array([(0, 0, 0), (120, 170, 230), (150, 140, 120), (220, 60, 60),
                         (60, 180, 80), (70, 90, 220), (230, 200, 50)], np.float32)
     return palette[np.clip(ids, 0, len(palette) - 1)].astype(np.uint8)
+  if modality == "sam_mask":
+    x = (x.argmax(-1) if x.ndim == 3 else x).astype(np.float32)
   if x.ndim == 3 and x.shape[-1] == 1:
     x = x[..., 0]
   if modality in ("rgb", "normals"):

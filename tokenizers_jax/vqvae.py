@@ -96,6 +96,8 @@ MODALITIES = {
     "normals": ModalitySpec(3, 3, "smooth_l1"),
     "semantic": ModalitySpec(7, 7, "cross_entropy", class_ids=True),
     "edges": ModalitySpec(1, 1, "mse"),
+    # SAM instance masks (4M-21 App. D.3): one instance cropped to its box, resized to 64 x 64
+    "sam_mask": ModalitySpec(2, 2, "cross_entropy", class_ids=True),
 }
 
 
