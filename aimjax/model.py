@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain_jax import positions
+
 from aimjax import objective
 from pretrain_jax import flops as flops_lib
 
@@ -25,21 +27,8 @@ REMAT = ("none", "block", "dots")
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:
-  """Fixed positions [grid*grid, dim] in raster order (MAE's layout).
-
-  The first half of the channels encodes the column, the second half the
-  row; each half is [sin(pos * omega), cos(pos * omega)] with
-  omega_i = 1 / 10000^(i / (dim/4)).
-  """
-  if dim % 4:
-    raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
-  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
-  rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
-
-  def encode(pos):
-    out = pos[:, None] * omega[None]
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+  """Fixed positions [grid*grid, dim] of the square patch grid (pretrain_jax.positions)."""
+  return positions.sincos_2d(grid, grid, dim)
 
 
 def _dense(features, names, use_bias=False, **kw):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tokenizers_jax.quantizers import Memcodes
+from tokenizers_jax.vqvae import smooth_l1
 
 
 class BottleneckMLP(nn.Module):
@@ -71,6 +72,5 @@ def vector_loss(kind: str, pred, target):
     den = jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1)
     return jnp.mean(1 - num / jnp.maximum(den, 1e-8))
   if kind == "smooth_l1":
-    d = jnp.abs(pred - target)
-    return jnp.mean(jnp.where(d < 1.0, 0.5 * d * d, d - 0.5))
+    return smooth_l1(pred, target)
   raise ValueError(f"unknown vector loss {kind!r}; use cosine or smooth_l1")

@@ -16,22 +16,11 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from pretrain_jax import positions
 from tokenizers_jax.quantizers import VectorQuantizer
 
 LOSSES = ("mse", "smooth_l1", "cross_entropy")
-
-
-def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
-  """float32 [h * w, dim] fixed 2D sine-cosine positions (row-major), dim % 4 == 0."""
-  if dim % 4:
-    raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
-  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-  ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                       indexing="ij")
-  out = [f(c.reshape(-1)[:, None] * omega[None]) for c in (ys, xs) for f in (np.sin, np.cos)]
-  return np.concatenate(out, axis=1).astype(np.float32)
 
 
 class _Block(nn.Module):
@@ -72,7 +61,7 @@ class _ViT(nn.Module):
   def __call__(self, x):
     b, h, w, _ = x.shape
     x = nn.Dense(self.width, name="proj_in")(x).reshape(b, h * w, self.width)
-    x = x + jnp.asarray(sincos_2d(h, w, self.width))[None]
+    x = x + jnp.asarray(positions.sincos_2d(h, w, self.width))[None]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
     for i in range(self.depth):
@@ -163,13 +152,18 @@ class VQVAE(nn.Module):
     return self.decode_codes(codes), aux
 
 
+def smooth_l1(pred, target):
+  """Mean Huber loss with delta 1 (PyTorch's smooth L1)."""
+  d = jnp.abs(pred - target)
+  return jnp.mean(jnp.where(d < 1.0, 0.5 * d * d, d - 0.5))
+
+
 def reconstruction_loss(kind: str, pred, target, num_classes: int = 0):
   """Mean per-element loss. pred [B, H, W, C]; target [B, H, W(, C)] (class ids for CE)."""
   if kind == "mse":
     return jnp.mean((pred - target.reshape(pred.shape)) ** 2)
   if kind == "smooth_l1":
-    d = jnp.abs(pred - target.reshape(pred.shape))
-    return jnp.mean(jnp.where(d < 1.0, 0.5 * d * d, d - 0.5))
+    return smooth_l1(pred, target.reshape(pred.shape))
   if kind == "cross_entropy":
     logp = jax.nn.log_softmax(pred, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), -1))

@@ -83,6 +83,5 @@ class WebDatasetSource:
     if key in self._captions:
       cpath, coff, csize = self._captions[key]
       text = _read(cpath, coff, csize).decode("utf-8")
-      out["caption"] = json.loads(text)["caption"] if cpath and text.lstrip().startswith("{") \
-          else text.strip()
+      out["caption"] = json.loads(text)["caption"] if text.lstrip().startswith("{") else text.strip()
     return out
