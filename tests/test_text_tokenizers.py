@@ -54,25 +54,89 @@ def test_boxes_round_trip_within_binning(tok):
 def test_palettes_round_trip_exactly(tok):
   colours = np.array([[255, 0, 10], [3, 200, 128], [0, 0, 0]], np.uint8)
   s = seq.encode_palette(colours)
-  assert s.startswith("v0=3 v1=255 v2=0 v3=10")
+  assert s.startswith("v1=3 v0=255 v0=0 v0=10 v0=3")     # the official layout
   np.testing.assert_array_equal(seq.decode_palette(text.decode(tok, text.encode(tok, s))), colours)
   with pytest.raises(ValueError, match="needs 7 tokens"):
-    seq.decode_palette("v0=2 v1=1 v2=2 v3=3")
+    seq.decode_palette("v1=2 v0=1 v0=2 v0=3")
 
 
-def test_metadata_round_trips_within_half_a_bin_in_any_order(tok):
-  meta = {"brightness": 97.6, "entropy": 2.146, "sam_clutter": 5.0, "walkability": 90.01,
-          "geometric_complexity": 0.0648, "original_height": 480.0, "caption_words": 26.0}
+def test_metadata_round_trips_within_one_bin_in_any_order(tok):
+  meta = {"brightness": 97.6, "entropy": 2.146, "n_sam_instances": 5.0, "walkability": 0.9001,
+          "geometric_complexity": 0.0648, "original_height": 480.0, "caption_n_words": 26.0,
+          "aesthetic_score": 5.7, "watermark_score": 0.2}
   s = seq.encode_metadata(meta, rng=np.random.default_rng(3))
   assert s != seq.encode_metadata(meta)                # shuffled order
+  assert "v1=10 v0=18" in s                            # brightness: type 10, floor(97.6/255*49)
   back = seq.decode_metadata(text.decode(tok, text.encode(tok, s)))
   assert set(back) == set(meta)
   for k, v in meta.items():
-    lo, hi = seq.METADATA_RANGES[k]
-    assert abs(back[k] - v) <= 0.5 * (hi - lo) / 999 + 1e-9, k
-  assert back["sam_clutter"] == 5.0 and back["caption_words"] == 26.0   # counts are exact
+    t = seq.METADATA_TYPES[k]
+    assert t.to_bin(back[k]) == t.to_bin(v), k        # decodes into the same bin
+    if t.kind == "range":
+      assert abs(back[k] - v) <= (t.high - t.low) / (t.bins - 1) + 1e-9, k
+  assert back["n_sam_instances"] == 5.0 and back["caption_n_words"] == 26.0   # counts exact
+  assert abs(back["original_height"] - 480) <= 16
+  chunks = seq.encode_metadata(meta, chunks=True)
+  assert len(chunks) == len(meta) and " ".join(chunks) == seq.encode_metadata(meta)
   with pytest.raises(ValueError, match="unknown metadata keys"):
     seq.encode_metadata({"loudness": 3.0})
+
+
+def test_labeller_metadata_maps_to_official_keys_and_units():
+  got = seq.metadata_from_labellers({"occlusion": 12.0, "walkability": 40.0, "unrelated": 1.0},
+                                    {"sam_clutter": 3.0, "caption_chars": 40.0})
+  assert got == {"occlusion_score": 0.12, "walkability": 0.4, "n_sam_instances": 3.0,
+                 "caption_n_chars": 40.0}
+
+
+def _humans(rng, n):
+  return [seq.Human(box=np.sort(rng.uniform(0, 1, 4).reshape(2, 2), 0).T.reshape(-1),
+                    pose=rng.integers(0, 1024, 8), global_orient=rng.uniform(-1, 1, 9),
+                    camera=rng.uniform(-1, 19, 3), shape=rng.uniform(-3, 3, 10))
+          for _ in range(n)]
+
+
+def test_human_poses_round_trip_within_binning_in_any_group_order(tok):
+  rng = np.random.default_rng(0)
+  humans = _humans(rng, 3)
+  s = seq.encode_poses(humans, rng=np.random.default_rng(1))
+  assert s.split()[0] == "human" and len(s.split()) == 3 * (1 + 4 + 4 + 8 + 9 + 3 + 10)
+  assert s != seq.encode_poses(humans)                 # groups shuffled
+  back = seq.decode_poses(text.decode(tok, text.encode(tok, s)))
+  assert len(back) == 3
+  for h, b in zip(humans, back):
+    np.testing.assert_array_equal(b.pose, h.pose)      # tokenizer ids exact, 512.. via v1=
+    for name, (_, lo, hi) in seq.POSE_GROUPS.items():
+      if name != "pose":
+        assert np.abs(b.group(name) - h.group(name)).max() <= 0.5 * (hi - lo) / 999 + 1e-9
+    assert np.abs(b.box - h.box).max() <= 0.5 / 999 + 1e-9
+  assert seq.encode_poses([]) == "none" and seq.decode_poses("none") == []
+  with pytest.raises(ValueError, match="lacks groups"):
+    seq.decode_poses("human v0=1 v1=2 v2=3 v3=4 camera v0=1 v0=2 v0=3")
+  with pytest.raises(ValueError, match="does not fit"):
+    seq.id_tokens([1024])
+
+
+def test_sam_instances_round_trip_exactly(tok):
+  inst = np.zeros((20, 30), np.int64)
+  inst[2:8, 3:12] = 1
+  inst[10:18, 5:25] = 2
+  boxes = np.array([[3, 2, 11, 7], [5, 10, 24, 17]])
+  ids = np.random.default_rng(0).integers(0, 1024, (2, 16))
+  queries = seq.sam_queries(inst, boxes, ids, 12, np.random.default_rng(4))
+  for q in queries:                                    # each point finds the instance under it
+    x, y = q.point
+    assert len(q.boxes) == (inst[y, x] > 0)
+    if inst[y, x]:
+      np.testing.assert_array_equal(q.ids[0], ids[inst[y, x] - 1])
+  assert any(len(q.boxes) for q in queries) and any(not len(q.boxes) for q in queries)
+  s = seq.encode_sam_instances(queries)
+  assert s.startswith(f"point v0={queries[0].point[1]} v1={queries[0].point[0]}")
+  back = seq.decode_sam_instances(text.decode(tok, text.encode(tok, s)))
+  assert [q.point for q in back] == [q.point for q in queries]
+  for q, b in zip(queries, back):
+    np.testing.assert_array_equal(b.boxes, q.boxes)
+    np.testing.assert_array_equal(b.ids, q.ids)
 
 
 OFFICIAL = os.path.join(SHARED, "reference", "ml4m_text_tokenizer_wordpiece_30k.json")
@@ -87,6 +151,18 @@ def test_official_tokenizer_file_loads_and_gives_the_same_value_token_ids(tok):
   assert text.encode(official, s) == text.encode(tok, s)
   boxes = seq.encode_boxes(np.array([[0.1, 0.2, 0.5, 0.9]]), ["baseball bat"])
   assert seq.decode_boxes(text.decode(official, text.encode(official, boxes)))[1] == ["baseball bat"]
+  # poses and SAM instances written here read back through the official vocabulary
+  rng = np.random.default_rng(2)
+  humans = _humans(rng, 2)
+  back = seq.decode_poses(text.decode(official, text.encode(official, seq.encode_poses(humans))))
+  assert [b.pose.tolist() for b in back] == [h.pose.tolist() for h in humans]
+  q = [seq.Query((5, 7), np.array([[1, 2, 30, 40]]), rng.integers(0, 1024, (1, 16))),
+       seq.Query((9, 9), np.zeros((0, 4), np.int64), np.zeros((0, 16), np.int64))]
+  s = seq.encode_sam_instances(q)
+  assert text.UNK_ID not in text.encode(official, s)
+  back = seq.decode_sam_instances(text.decode(official, text.encode(official, s)))
+  np.testing.assert_array_equal(back[0].ids, q[0].ids)
+  assert back[1].point == (9, 9) and not len(back[1].boxes)
 
 
 def test_a_file_with_another_layout_is_refused(tmp_path, tok):

@@ -24,6 +24,10 @@ def setup(tmp_path_factory):
   tcfg.total_steps, tcfg.checkpoint_every, tcfg.eval_every = 20, 20, 0
   tcfg.optimizer.warmup_steps = 5
   loop.train(tcfg, str(root / "tok_depth"), tok_train.build_task(tcfg))
+  scfg = load_config("configs/tokenizers/vqvae.py", "modality=sam_mask,variant=tiny")
+  scfg.total_steps, scfg.checkpoint_every, scfg.eval_every = 10, 10, 0
+  scfg.optimizer.warmup_steps = 2
+  loop.train(scfg, str(root / "tok_sam"), tok_train.build_task(scfg))
   captions = [render_scene(0, i, 32)["caption"] for i in range(200)]
   wp = text.fit_wordpiece(captions, vocab_size=4500, extra_words=text.MARKER_WORDS + SEMANTIC_CLASSES)
   wp.save(str(root / "text.json"))
@@ -34,6 +38,7 @@ def _config(root, **debug):
   c = load_config("configs/tokenizers/tokenize.py", "")
   c.image_tokenizers.depth = str(root / "tok_depth")
   c.text_tokenizer = str(root / "text.json")
+  c.sam_instance_tokenizer = str(root / "tok_sam")
   c.batch_size = 2
   c.debug.stop_after_records = debug.get("stop_after_records", 0)
   return c
@@ -48,7 +53,8 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   result = tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", out)
   assert result == {"shards": 3, "written": 3, "records": 9}
   schema = schema_lib.read_schema(out)
-  assert set(schema) == {"index", "key", "tok_depth", "caption", "det", "color_palette", "metadata"}
+  assert set(schema) == {"index", "key", "tok_depth", "caption", "det", "color_palette", "metadata",
+                         "sam_instance"}
   ds = multimodal.dataset(f"{out}/*.array_record")
   rec, truth = ds[4], render_scene(0, 4, 32)
   assert rec["tok_depth"].shape == (4, 4) and rec["tok_depth"].dtype == np.int32
@@ -59,7 +65,24 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   assert np.abs(boxes - truth["boxes"]).max() <= 0.5 / 999 + 1e-6
   assert len(sequences.decode_palette(text.decode(wp, rec["color_palette"]))) == 3
   meta = sequences.decode_metadata(text.decode(wp, rec["metadata"]))
-  assert meta["sam_clutter"] == len(truth["boxes"])
+  assert meta["n_sam_instances"] == len(truth["boxes"])
+  # SAM instances: each query point lists the instance under it, box in pixels, mask tokens
+  sam = tok_lib.ImageTokenizer(str(setup / "tok_sam"))
+  hits = 0
+  for index in range(len(ds)):
+    queries = sequences.decode_sam_instances(text.decode(wp, ds[index]["sam_instance"]))
+    scene = render_scene(0, index, 32)
+    assert len(queries) == 7
+    for q in queries:
+      x, y = q.point
+      i = int(scene["instance"][y, x]) - 1
+      assert len(q.boxes) == (i >= 0)
+      if i >= 0:
+        hits += 1
+        np.testing.assert_array_equal(q.boxes[0], np.rint(scene["boxes"][i] * 32))
+        crop = tok_train.instance_mask_crop(scene["instance"], scene["boxes"], i, 64)
+        np.testing.assert_array_equal(q.ids[0], sam([crop])[0].reshape(-1))
+  assert hits >= 3
   # image tokens are those of the tokenizer applied directly
   tok = tok_lib.ImageTokenizer(str(setup / "tok_depth"))
   np.testing.assert_array_equal(tok([truth["depth"].astype(np.float16)])[0], rec["tok_depth"])

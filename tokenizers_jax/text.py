@@ -33,8 +33,8 @@ COCO_CLASSES = (
     "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush")
-# words that introduce sub-sequences (4M-21's palettes, poses, SAM instances) and scene classes
-MARKER_WORDS = ("color", "bbox", "pose", "shape", "polygon", "none")
+# words that introduce sub-sequences of 4M-21's human poses and SAM instances
+MARKER_WORDS = ("human", "pose", "global", "camera", "shape", "point", "polygon", "none")
 
 
 def sentinel(i: int) -> str:

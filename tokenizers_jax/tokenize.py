@@ -10,8 +10,12 @@ record, `index`, `key` and one int32 field per tokenised modality:
 `tok_<modality>` [h, w] from a trained image tokenizer (a tokenizers_jax.train
 workdir), and for sequence modalities the WordPiece ids ending in [EOS]:
 `caption`, `det` (boxes with their class names), `color_palette` (the
-palette with `palette_size` colours) and `metadata` (every metadata map of the
-record, in a fixed order). Output shards are written to `.tmp` and renamed,
+palette with `palette_size` colours), `metadata` (every metadata map of the
+record, official keys in a fixed order) and, with a SAM-mask tokenizer
+(`sam_instance_tokenizer`), `sam_instance`: `sam_points` query points drawn
+per record (seeded by `seed` and the record's index) with the instances
+under them, each as its box and 16 mask tokens (tokenizers_jax.sequences
+gives every format). Output shards are written to `.tmp` and renamed,
 so a rerun skips finished shards and redoes a half-written one; the result
 is deterministic, byte for byte.
 """
@@ -69,7 +73,8 @@ def _class_names(config) -> tuple[str, ...]:
   return tuple(config.class_names.split(","))
 
 
-def output_schema(config, in_schema: dict[str, FieldSpec], image_toks) -> dict[str, FieldSpec]:
+def output_schema(config, in_schema: dict[str, FieldSpec], image_toks,
+                  sam_tok=None) -> dict[str, FieldSpec]:
   out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
   for tok in image_toks.values():
     r, p = tok.config.data.resolution, tok.config.model.patch_size
@@ -81,6 +86,8 @@ def output_schema(config, in_schema: dict[str, FieldSpec], image_toks) -> dict[s
         out[name] = FieldSpec("array", "int32", (None,))
     if any(m in in_schema for m in METADATA_FIELDS):
       out["metadata"] = FieldSpec("array", "int32", (None,))
+    if sam_tok is not None:
+      out["sam_instance"] = FieldSpec("array", "int32", (None,))
   return out
 
 
@@ -95,11 +102,22 @@ def _sequences(rec: dict[str, Any], schema, tok, config, names) -> dict[str, np.
     k = config.palette_size
     out["color_palette"] = enc(sequences.encode_palette(rec["color_palette"][k - 1, :k]))
   if "metadata" in schema:
-    meta = {}
-    for field in METADATA_FIELDS:
-      meta.update({k: v for k, v in rec.get(field, {}).items() if k in sequences.METADATA_RANGES})
+    meta = sequences.metadata_from_labellers(*(rec.get(f, {}) for f in METADATA_FIELDS))
     out["metadata"] = enc(sequences.encode_metadata(meta))
   return out
+
+
+def _sam_instance(rec: dict[str, Any], sam_tok: ImageTokenizer, config) -> str:
+  """The record's instance map and boxes -> its sam_instance text (random query points)."""
+  instance, boxes = np.asarray(rec["instance"]), np.asarray(rec["boxes"]).reshape(-1, 4)
+  size = sam_tok.config.data.resolution
+  crops = [tok_train.instance_mask_crop(instance, boxes, i, size) for i in range(len(boxes))]
+  ids = sam_tok(crops).reshape(len(boxes), -1) if crops else np.zeros((0, 16), np.int32)
+  h, w = instance.shape
+  pixels = np.rint(boxes * np.array([w, h, w, h])).astype(np.int64)
+  rng = np.random.default_rng([config.seed, int(rec["index"])])
+  return sequences.encode_sam_instances(
+      sequences.sam_queries(instance, pixels, ids, config.sam_points, rng))
 
 
 def tokenize(config, pattern: str, out: str) -> dict[str, int]:
@@ -115,7 +133,17 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
       raise ValueError(f"the input shards have no {m!r} field to tokenise (fields: "
                        f"{sorted(in_schema)})")
   tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
-  schema = output_schema(config, in_schema, image_toks)
+  sam_tok = None
+  if config.sam_instance_tokenizer:
+    sam_tok = ImageTokenizer(config.sam_instance_tokenizer)
+    if sam_tok.modality != "sam_mask":
+      raise ValueError(f"sam_instance_tokenizer points at a {sam_tok.modality!r} tokenizer, "
+                       "not a sam_mask one")
+    missing = sorted({"instance", "boxes"} - set(in_schema))
+    if missing or tok is None:
+      raise ValueError(f"sam_instance needs the shards' instance map and boxes (missing: "
+                       f"{missing}) and a text_tokenizer")
+  schema = output_schema(config, in_schema, image_toks, sam_tok)
   os.makedirs(out, exist_ok=True)
   schema_lib.write_schema(out, schema)
   names = _class_names(config)
@@ -137,6 +165,9 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
           row.update({f"tok_{m}": toks[m][j] for m in image_toks})
           if tok is not None:
             row.update(_sequences(rec, schema, tok, config, names))
+          if sam_tok is not None:
+            row["sam_instance"] = np.array(text.encode(tok, _sam_instance(rec, sam_tok, config),
+                                                       config.sam_max_len), np.int32)
           bad = schema_lib.problems(row, schema)
           if bad:
             raise ValueError(f"{rec['key']}: token record does not match the schema: {bad}")

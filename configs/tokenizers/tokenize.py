@@ -15,6 +15,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # modality -> tokenizers_jax.train workdir ('' = not tokenised)
   c.image_tokenizers = ml_collections.ConfigDict(
       {"rgb": "", "depth": "", "normals": "", "semantic": "", "edges": ""})
+  c.sam_instance_tokenizer = ""   # a sam_mask tokenizer workdir: adds the sam_instance sequence
+  c.sam_points = 7             # query points per record (4M-21: 7, drawn at random)
+  c.sam_max_len = 290          # 4M-21's longest sam_instance sequence, [EOS] included
+  c.seed = 0                   # seeds the query points (with each record's index)
   c.text_tokenizer = ""        # WordPiece file (tokenizers_jax.text); '' = no sequence modalities
   c.class_names = "scenes"     # box class ids -> names: 'scenes' or comma-separated names
   c.palette_size = 3           # which of the 1..7-colour palettes to tokenise
