@@ -19,6 +19,8 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")
   cfg = load_config("configs/fourm/pseudo_label.py", "scenes")
   cfg.resolution, cfg.shards = 32, 3
+  cfg.labellers = tuple(cfg.labellers) + ("aim_features",)
+  cfg.labeller_options.aim_features.image_size = 56          # the tiny AIM's size
   pl.pseudo_label(cfg, "scenes:9", str(root / "labelled"))
   tcfg = load_config("configs/tokenizers/vqvae.py", "modality=depth,variant=tiny")
   tcfg.total_steps, tcfg.checkpoint_every, tcfg.eval_every = 20, 20, 0
@@ -28,6 +30,11 @@ def setup(tmp_path_factory):
   scfg.total_steps, scfg.checkpoint_every, scfg.eval_every = 10, 10, 0
   scfg.optimizer.warmup_steps = 2
   loop.train(scfg, str(root / "tok_sam"), tok_train.build_task(scfg))
+  gcfg = load_config("configs/tokenizers/mlp_vae.py", "target=global,variant=tiny")
+  gcfg.data.train = f"arrayrecord:{root}/labelled/*.array_record"
+  gcfg.total_steps, gcfg.checkpoint_every, gcfg.eval_every, gcfg.batch_size = 10, 10, 0, 8
+  gcfg.optimizer.warmup_steps = 2
+  loop.train(gcfg, str(root / "tok_global"), tok_train.build_task(gcfg))
   captions = [render_scene(0, i, 32)["caption"] for i in range(200)]
   wp = text.fit_wordpiece(captions, vocab_size=4500, extra_words=text.MARKER_WORDS + SEMANTIC_CLASSES)
   wp.save(str(root / "text.json"))
@@ -39,6 +46,7 @@ def _config(root, **debug):
   c.image_tokenizers.depth = str(root / "tok_depth")
   c.text_tokenizer = str(root / "text.json")
   c.sam_instance_tokenizer = str(root / "tok_sam")
+  c.vector_tokenizers.aim_global = str(root / "tok_global")
   c.batch_size = 2
   c.debug.stop_after_records = debug.get("stop_after_records", 0)
   return c
@@ -53,8 +61,8 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   result = tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", out)
   assert result == {"shards": 3, "written": 3, "records": 9}
   schema = schema_lib.read_schema(out)
-  assert set(schema) == {"index", "key", "tok_depth", "caption", "det", "color_palette", "metadata",
-                         "sam_instance"}
+  assert set(schema) == {"index", "key", "tok_depth", "tok_aim_global", "caption", "det",
+                         "color_palette", "metadata", "sam_instance"}
   ds = multimodal.dataset(f"{out}/*.array_record")
   rec, truth = ds[4], render_scene(0, 4, 32)
   assert rec["tok_depth"].shape == (4, 4) and rec["tok_depth"].dtype == np.int32
@@ -67,7 +75,7 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   meta = sequences.decode_metadata(text.decode(wp, rec["metadata"]))
   assert meta["n_sam_instances"] == len(truth["boxes"])
   # SAM instances: each query point lists the instance under it, box in pixels, mask tokens
-  sam = tok_lib.ImageTokenizer(str(setup / "tok_sam"))
+  sam = tok_lib.Tokenizer(str(setup / "tok_sam"))
   hits = 0
   for index in range(len(ds)):
     queries = sequences.decode_sam_instances(text.decode(wp, ds[index]["sam_instance"]))
@@ -83,9 +91,14 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
         crop = tok_train.instance_mask_crop(scene["instance"], scene["boxes"], i, 64)
         np.testing.assert_array_equal(q.ids[0], sam([crop])[0].reshape(-1))
   assert hits >= 3
-  # image tokens are those of the tokenizer applied directly
-  tok = tok_lib.ImageTokenizer(str(setup / "tok_depth"))
+  # image and vector tokens are those of the tokenizers applied directly
+  tok = tok_lib.Tokenizer(str(setup / "tok_depth"))
   np.testing.assert_array_equal(tok([truth["depth"].astype(np.float16)])[0], rec["tok_depth"])
+  glob_tok = tok_lib.Tokenizer(str(setup / "tok_global"))
+  labelled = multimodal.dataset(f"{setup}/labelled/*.array_record", fields=("aim_global",))[4]
+  assert rec["tok_aim_global"].shape == (16,)
+  np.testing.assert_array_equal(glob_tok([labelled["aim_global"]])[0], rec["tok_aim_global"])
+  assert glob_tok.detokenize(rec["tok_aim_global"][None]).shape == labelled["aim_global"][None].shape
 
 
 def test_tokenizing_is_deterministic_and_resumes_after_an_interruption(setup):

@@ -184,3 +184,75 @@ def ddim_sample(predict_x0: Callable, schedule: Schedule, x_T, rng=None, num_ste
     return x, key
 
   return jax.lax.fori_loop(0, num_steps, body, (x_T, rng))[0]
+
+
+class DiffusionTokenizer(nn.Module):
+  """ViT encoder + EMA VQ (a VQVAE without its ViT decoder) and a PatchedUNet decoder.
+
+  Training (__call__) noises the target x0 [B, H, W, C] at timesteps t [B] and
+  returns the UNet's x0 prediction conditioned on the quantized codes, with
+  the quantizer's aux; sampling is `reconstruct` (DDIM from noise).
+  """
+  in_channels: int
+  out_channels: int
+  patch_size: int = 16
+  width: int = 768
+  enc_depth: int = 12
+  heads: int = 12
+  num_codes: int = 8192
+  code_dim: int = 32
+  ema_decay: float = 0.99
+  restart_factor: float = 32.0
+  commitment: float = 0.25
+  base_channels: int = 128
+  channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+  num_res_blocks: int = 3
+  attn_levels: int = 2
+  steps: int = 1000
+
+  def setup(self):
+    from tokenizers_jax.vqvae import VQVAE
+    self.tokenizer = VQVAE(self.in_channels, self.out_channels, self.patch_size, self.width,
+                           self.enc_depth, 0, self.heads, self.num_codes, self.code_dim,
+                           ema_decay=self.ema_decay, restart_factor=self.restart_factor,
+                           commitment=self.commitment)
+    self.unet = PatchedUNet(self.out_channels, self.base_channels, tuple(self.channel_mult),
+                            self.num_res_blocks, self.attn_levels)
+
+  def encode(self, x, train: bool = False):
+    """x [B, H, W(, C)] -> (codes [B, h, w, D], aux with 'indices')."""
+    return self.tokenizer.encode(x, train)
+
+  def tokenize(self, x):
+    return self.tokenizer.tokenize(x)
+
+  def lookup(self, tokens):
+    """int [B, h, w] -> codes [B, h, w, D]."""
+    return self.tokenizer.quantizer.lookup(tokens)
+
+  def predict_x0(self, x_t, t, codes):
+    return self.unet(x_t, t, codes)
+
+  def __call__(self, x, t, noise, train: bool = False):
+    """x [B, H, W(, C)], t int [B] in 1..steps, noise like x0 -> (predicted x0, x0, aux)."""
+    codes, aux = self.encode(x, train)
+    x0 = x if x.ndim == 4 else x[..., None]
+    x_t = Schedule(self.steps).q_sample(x0, t, noise.reshape(x0.shape))
+    return self.unet(x_t, t, codes), x0, aux
+
+
+def reconstruct(model: DiffusionTokenizer, variables, x=None, rng=None, num_steps: int = 25,
+                tokens=None):
+  """Encodes x (or takes `tokens` [B, h, w]) and decodes with DDIM (eta 0) from noise.
+  Returns [B, H, W, C]. Jit the caller; the sampling loop is a fori_loop."""
+  if tokens is None:
+    codes = model.apply(variables, x, method=model.encode)[0]
+  else:
+    codes = model.apply(variables, tokens, method=model.lookup)
+  b, h, w, _ = codes.shape
+  p = model.patch_size
+  rng = jax.random.key(0) if rng is None else rng
+  k1, k2 = jax.random.split(rng)
+  x_T = jax.random.normal(k1, (b, h * p, w * p, model.out_channels), jnp.float32)
+  predict = lambda x_t, t: model.apply(variables, x_t, t, codes, method=model.predict_x0)
+  return ddim_sample(predict, Schedule(model.steps), x_T, k2, num_steps)

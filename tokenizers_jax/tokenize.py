@@ -8,7 +8,8 @@
 Each input shard becomes one output shard of the same name holding, per
 record, `index`, `key` and one int32 field per tokenised modality:
 `tok_<modality>` [h, w] from a trained image tokenizer (a tokenizers_jax.train
-workdir), and for sequence modalities the WordPiece ids ending in [EOS]:
+workdir, ViT or diffusion decoder), `tok_<field>` [num_tokens] of a vector
+field (e.g. aim_global) from an MLP dVAE (`vector_tokenizers`), and for sequence modalities the WordPiece ids ending in [EOS]:
 `caption`, `det` (boxes with their class names), `color_palette` (the
 palette with `palette_size` colours), `metadata` (every metadata map of the
 record, official keys in a fixed order) and, with a SAM-mask tokenizer
@@ -34,15 +35,16 @@ import numpy as np
 from pretrain_jax.data import multimodal, records, schema as schema_lib
 from pretrain_jax.data.schema import FieldSpec
 from pretrain_jax.data.sources import ArrayRecordSource
-from tokenizers_jax import sequences, text
+from tokenizers_jax import diffusion, sequences, text
 from tokenizers_jax import train as tok_train
 
 WRITER_OPTIONS = "group_size:1"
 METADATA_FIELDS = ("image_metadata", "semantic_metadata", "geometric_metadata", "caption_length")
 
 
-class ImageTokenizer:
-  """A trained VQ-VAE from its training workdir (config.json + latest checkpoint)."""
+class Tokenizer:
+  """A trained tokenizer (any kind of tokenizers_jax.train) from its workdir (config.json and
+  the latest checkpoint): `tok(values)` gives tokens, `tok.detokenize(tokens)` values back."""
 
   def __init__(self, workdir: str):
     import orbax.checkpoint as ocp
@@ -56,14 +58,30 @@ class ImageTokenizer:
     if not steps:
       raise FileNotFoundError(f"no checkpoint under {ckpt}")
     state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(steps[-1]), "state"))
-    self.variables = {"params": state["params"], **state["extra"]}
+    self.variables = {"params": state["params"], **(state.get("extra") or {})}
     self.modality = self.config.modality
+    self.kind = self.config.get("kind", "vqvae")
     self.model = tok_train.build_model(self.config)
     self._fn = jax.jit(lambda v, x: self.model.apply(v, x, method=self.model.tokenize))
+    if self.kind == "diffusion":
+      steps = self.config.diffusion.sample_steps
+      self._inverse = jax.jit(lambda v, t, rng: diffusion.reconstruct(
+          self.model, v, tokens=t, rng=rng, num_steps=steps))
+    else:
+      self._inverse = jax.jit(lambda v, t, rng: self.model.apply(
+          v, t, method=self.model.decode_tokens))
 
   def __call__(self, values: list[np.ndarray]) -> np.ndarray:
+    """Stored values (as in the shards) -> int32 tokens [B, h, w] or [B, num_tokens]."""
     x = np.stack([tok_train.prepare(self.modality, v) for v in values])
     return np.asarray(self._fn(self.variables, jnp.asarray(x)), np.int32)
+
+  def detokenize(self, tokens: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Tokens -> the prepared modality (tok_train.prepare's scale): images [B, H, W, C]
+    (class logits for segmentation; a DDIM sample from `seed` for diffusion decoders) or
+    vectors [B, D]."""
+    return np.asarray(self._inverse(self.variables, jnp.asarray(tokens, jnp.int32),
+                                    jax.random.key(seed)))
 
 
 def _class_names(config) -> tuple[str, ...]:
@@ -76,9 +94,12 @@ def _class_names(config) -> tuple[str, ...]:
 def output_schema(config, in_schema: dict[str, FieldSpec], image_toks,
                   sam_tok=None) -> dict[str, FieldSpec]:
   out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
-  for tok in image_toks.values():
-    r, p = tok.config.data.resolution, tok.config.model.patch_size
-    out[f"tok_{tok.modality}"] = FieldSpec("array", "int32", (r // p, r // p))
+  for field, tok in image_toks.items():
+    if tok.kind == "mlp_vae":
+      out[f"tok_{field}"] = FieldSpec("array", "int32", (tok.config.model.num_tokens,))
+    else:
+      r, p = tok.config.data.resolution, tok.config.model.patch_size
+      out[f"tok_{field}"] = FieldSpec("array", "int32", (r // p, r // p))
   if config.text_tokenizer:
     for name, needs in (("caption", ("caption",)), ("det", ("boxes", "box_classes")),
                         ("color_palette", ("color_palette",))):
@@ -107,7 +128,7 @@ def _sequences(rec: dict[str, Any], schema, tok, config, names) -> dict[str, np.
   return out
 
 
-def _sam_instance(rec: dict[str, Any], sam_tok: ImageTokenizer, config) -> str:
+def _sam_instance(rec: dict[str, Any], sam_tok: Tokenizer, config) -> str:
   """The record's instance map and boxes -> its sam_instance text (random query points)."""
   instance, boxes = np.asarray(rec["instance"]), np.asarray(rec["boxes"]).reshape(-1, 4)
   size = sam_tok.config.data.resolution
@@ -125,17 +146,24 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   from array_record.python import array_record_module as arm
   source = ArrayRecordSource(pattern)
   in_schema = schema_lib.read_schema(os.path.dirname(source.paths[0]))
-  image_toks = {m: ImageTokenizer(w) for m, w in config.image_tokenizers.items() if w}
+  image_toks = {m: Tokenizer(w) for m, w in config.image_tokenizers.items() if w}
   for m, tok in image_toks.items():
     if tok.modality != m:
       raise ValueError(f"image_tokenizers.{m} points at a {tok.modality!r} tokenizer")
+  for field, w in config.get("vector_tokenizers", {}).items():
+    if w:
+      image_toks[field] = Tokenizer(w)
+      if image_toks[field].kind != "mlp_vae":
+        raise ValueError(f"vector_tokenizers.{field} points at a {image_toks[field].kind} "
+                         "tokenizer, not an mlp_vae one")
+  for m in image_toks:
     if m not in in_schema:
       raise ValueError(f"the input shards have no {m!r} field to tokenise (fields: "
                        f"{sorted(in_schema)})")
   tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
   sam_tok = None
   if config.sam_instance_tokenizer:
-    sam_tok = ImageTokenizer(config.sam_instance_tokenizer)
+    sam_tok = Tokenizer(config.sam_instance_tokenizer)
     if sam_tok.modality != "sam_mask":
       raise ValueError(f"sam_instance_tokenizer points at a {sam_tok.modality!r} tokenizer, "
                        "not a sam_mask one")

@@ -1,12 +1,17 @@
-"""Training image-like tokenizers (ViT VQ-VAEs) on the shared core.
+"""Training tokenizers on the shared core: one CLI for the three kinds.
 
   python -m tokenizers_jax.train --config=configs/tokenizers/vqvae.py:modality=depth,variant=tiny \
       --workdir=workdir/tok_depth
+  python -m tokenizers_jax.train --config=configs/tokenizers/diffusion.py:modality=rgb ...
+  python -m tokenizers_jax.train --config=configs/tokenizers/mlp_vae.py:target=pose ...
 
+config.kind: 'vqvae' (ViT encoder and decoder), 'diffusion' (ViT encoder,
+UNet diffusion decoder) or 'mlp_vae' (vectors: global embeddings, poses).
 Data: `scenes:N` renders the modality on the fly; `arrayrecord:GLOB` reads
-the field of pseudo-labelled shards (fourm_jax.pseudo_label). Targets are
+the field of pseudo-labelled shards (fourm_jax.pseudo_label);
+`synthetic_poses:N` draws SMPL body poses (tokenizers_jax.poses). Targets are
 prepared per modality (`prepare`): RGB to [-1, 1], depth standardised per
-image, normals as unit vectors, segmentation as class ids.
+image, normals as unit vectors, segmentation as class ids, vectors as float32.
 """
 from __future__ import annotations
 
@@ -17,10 +22,13 @@ import numpy as np
 
 from pretrain_jax import loop
 from pretrain_jax.data import multimodal, pipeline
-from tokenizers_jax import vqvae
+from tokenizers_jax import diffusion, mlp_vae, poses, vqvae
 
 SCENE_FIELDS = {"rgb": "rgb", "depth": "depth", "normals": "normals", "semantic": "semantic",
                 "edges": "edges"}
+KINDS = ("vqvae", "diffusion", "mlp_vae")
+# vector targets of the MLP dVAE -> their loss (4M-21 App. D.2, D.4)
+VECTOR_TARGETS = {"global": "cosine", "pose": "smooth_l1"}
 
 
 def prepare(modality: str, value: np.ndarray) -> np.ndarray:
@@ -38,7 +46,21 @@ def prepare(modality: str, value: np.ndarray) -> np.ndarray:
     return np.asarray(value, np.float32) / 255.0
   if modality == "sam_mask":
     return (np.asarray(value) > 0).astype(np.int32)
-  raise ValueError(f"unknown tokenizer modality {modality!r}; known: {sorted(vqvae.MODALITIES)}")
+  if modality in VECTOR_TARGETS:
+    return np.asarray(value, np.float32).reshape(-1)
+  raise ValueError(f"unknown tokenizer modality {modality!r}; known: "
+                   f"{sorted(vqvae.MODALITIES) + sorted(VECTOR_TARGETS)}")
+
+
+class _SyntheticPoses:
+  def __init__(self, num: int, seed: int):
+    self.num, self.seed = num, seed
+
+  def __len__(self):
+    return self.num
+
+  def __getitem__(self, index):
+    return {"x": poses.synthetic_body_pose(self.seed, int(index))}
 
 
 class _Scenes:
@@ -86,14 +108,20 @@ class _Field(grain.transforms.Map):
 
 def _dataset(data_cfg, spec: str, modality: str, split: str) -> grain.MapDataset:
   kind, _, arg = spec.partition(":")
+  seed = data_cfg.scenes_seed if split == "train" else data_cfg.scenes_seed + 1_000_003
   if kind == "scenes":
-    seed = data_cfg.scenes_seed if split == "train" else data_cfg.scenes_seed + 1_000_003
+    if modality in VECTOR_TARGETS:
+      raise ValueError(f"scenes data has no {modality!r} vectors: use arrayrecord:GLOB shards "
+                       "(e.g. the aim_features labeller's aim_global) or synthetic_poses:N")
     return grain.MapDataset.source(_Scenes(int(arg or 10_000), seed, data_cfg.resolution,
                                            modality))
+  if kind == "synthetic_poses":
+    return grain.MapDataset.source(_SyntheticPoses(int(arg or 100_000), seed))
   if kind == "arrayrecord":
     field = data_cfg.field or modality
     return multimodal.dataset(arg, fields=(field,)).map(_Field(field, modality))
-  raise ValueError(f"tokenizer data spec {spec!r}: use scenes:N or arrayrecord:GLOB")
+  raise ValueError(f"tokenizer data spec {spec!r}: use scenes:N, arrayrecord:GLOB or "
+                   "synthetic_poses:N")
 
 
 def to_rgb(modality: str, x: np.ndarray) -> np.ndarray:
@@ -129,38 +157,92 @@ def reconstruction_grid(modality: str, targets: np.ndarray, recons: np.ndarray) 
   return np.concatenate(tiles, axis=0)
 
 
-def build_model(config) -> vqvae.VQVAE:
+def build_model(config):
+  """The tokenizer module of `config` (config.kind, default 'vqvae')."""
+  kind, m = config.get("kind", "vqvae"), config.model
+  if kind not in KINDS:
+    raise ValueError(f"unknown tokenizer kind {kind!r}; known: {KINDS}")
+  if kind == "mlp_vae":
+    if config.modality not in VECTOR_TARGETS:
+      raise ValueError(f"mlp_vae target {config.modality!r} unknown; known: "
+                       f"{sorted(VECTOR_TARGETS)}")
+    return mlp_vae.MLPVAE(m.in_dim, m.num_tokens, m.num_codes, m.width, m.blocks, m.code_dim)
+  if config.modality not in vqvae.MODALITIES:
+    raise ValueError(f"unknown tokenizer modality {config.modality!r}; known: "
+                     f"{sorted(vqvae.MODALITIES)}")
   spec = vqvae.MODALITIES[config.modality]
-  m = config.model
+  if kind == "diffusion":
+    if spec.class_ids:
+      raise ValueError(f"the diffusion decoder is for continuous modalities, not "
+                       f"{config.modality!r}")
+    d = config.diffusion
+    return diffusion.DiffusionTokenizer(
+        spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth, m.heads,
+        m.num_codes, m.code_dim, m.ema_decay, m.restart_factor, m.commitment, d.base_channels,
+        tuple(d.channel_mult), d.num_res_blocks, d.attn_levels, d.steps)
   return vqvae.VQVAE(spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth,
                      m.dec_depth, m.heads, m.num_codes, m.code_dim, spec.class_ids,
                      m.ema_decay, m.restart_factor, m.commitment)
 
 
+def _dummy_input(config):
+  if config.get("kind", "vqvae") == "mlp_vae":
+    return jnp.zeros((1, config.model.in_dim))
+  spec, r = vqvae.MODALITIES[config.modality], config.data.resolution
+  if spec.class_ids:
+    return jnp.zeros((1, r, r), jnp.int32)
+  return jnp.zeros((1, r, r, spec.in_channels) if spec.in_channels > 1 else (1, r, r))
+
+
 def build_task(config) -> loop.Task:
-  if config.modality not in vqvae.MODALITIES:
-    raise ValueError(f"unknown tokenizer modality {config.modality!r}; known: "
-                     f"{sorted(vqvae.MODALITIES)}")
+  kind = config.get("kind", "vqvae")
+  if kind == "mlp_vae" and not config.model.in_dim:
+    # the vector size comes from the data; written back so config.json records it
+    config.model.in_dim = int(_dataset(config.data, config.data.train, config.modality,
+                                       "train")[0]["x"].shape[0])
   model = build_model(config)
-  spec = vqvae.MODALITIES[config.modality]
-  r = config.data.resolution
-  dummy = jnp.zeros((1, r, r), jnp.int32) if spec.class_ids else jnp.zeros(
-      (1, r, r, spec.in_channels) if spec.in_channels > 1 else (1, r, r))
+  dummy = _dummy_input(config)
+  init_args = (dummy,) if kind != "diffusion" else (
+      dummy, jnp.ones((1,), jnp.int32), jnp.zeros(dummy.shape if dummy.ndim == 4 else
+                                                  dummy.shape + (1,)))
 
   def init_params(rng):
-    return model.init({"params": rng}, dummy)["params"]
+    return model.init({"params": rng}, *init_args)["params"]
 
   def init_extra(rng):
-    return {"vq": model.init({"params": rng}, dummy)["vq"]}
+    # the codebook state alone: initialising through `encode` skips the decoder (same values,
+    # Flax derives each module's init rng from its path)
+    return {"vq": model.init({"params": rng}, dummy, method=model.encode)["vq"]}
 
-  def loss_fn(params, batch, rng, extra):
+  def vqvae_loss(params, batch, rng, extra):
+    spec = vqvae.MODALITIES[config.modality]
     (pred, aux), updates = model.apply({"params": params, **extra}, batch["x"], train=True,
                                        mutable=["vq"], rngs={"restart": rng})
     rec = vqvae.reconstruction_loss(spec.loss, pred, batch["x"], spec.out_channels)
-    loss = rec + aux["commit_loss"]
+    return rec, aux, updates
+
+  def diffusion_loss(params, batch, rng, extra):
+    x = batch["x"]
+    k_t, k_noise, k_restart = jax.random.split(rng, 3)
+    t = jax.random.randint(k_t, (x.shape[0],), 1, config.diffusion.steps + 1)
+    noise = jax.random.normal(k_noise, x.shape if x.ndim == 4 else x.shape + (1,), jnp.float32)
+    (pred, x0, aux), updates = model.apply({"params": params, **extra}, x, t, noise, train=True,
+                                           mutable=["vq"], rngs={"restart": k_restart})
+    return jnp.mean((pred - x0) ** 2), aux, updates
+
+  def vector_loss(params, batch, rng):
+    del rng
+    pred, aux = model.apply({"params": params}, batch["x"], train=True)
+    rec = mlp_vae.vector_loss(VECTOR_TARGETS[config.modality], pred, batch["x"])
+    return rec, {"reconstruction": rec, "codebook_usage": aux["usage"],
+                 "perplexity": aux["perplexity"]}
+
+  def loss_fn(params, batch, rng, extra):
+    rec, aux, updates = (diffusion_loss if kind == "diffusion" else vqvae_loss)(
+        params, batch, rng, extra)
     metrics = {"reconstruction": rec, "commit": aux["commit_loss"],
                "codebook_usage": aux["usage"], "perplexity": aux["perplexity"]}
-    return loss, (metrics, {"vq": updates["vq"]})
+    return rec + aux["commit_loss"], (metrics, {"vq": updates["vq"]})
 
   def train_data(rows):
     ds = _dataset(config.data, config.data.train, config.modality, "train")
@@ -173,7 +255,11 @@ def build_task(config) -> loop.Task:
     ds = _dataset(config.data, config.data.eval, config.modality, "eval")
     return pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
 
-  recon_fn = jax.jit(lambda p, e, x: model.apply({"params": p, **e}, x)[0])
+  if kind == "diffusion":
+    recon_fn = jax.jit(lambda p, e, x: diffusion.reconstruct(
+        model, {"params": p, **e}, x, num_steps=config.diffusion.sample_steps))
+  else:
+    recon_fn = jax.jit(lambda p, e, x: model.apply({"params": p, **e}, x)[0])
 
   def on_eval(params, extra, step, workdir):
     """Writes workdir/reconstructions/step_XXXXXX.png (8 validation samples)."""
@@ -190,8 +276,11 @@ def build_task(config) -> loop.Task:
       Image.fromarray(reconstruction_grid(config.modality, x, np.asarray(recon))).save(
           os.path.join(workdir, "reconstructions", f"step_{step:06d}.png"))
 
-  return loop.Task(init_params=init_params, loss_fn=loss_fn, train_data=train_data,
-                   eval_data=eval_data, init_extra=init_extra, on_eval=on_eval)
+  vector = kind == "mlp_vae"
+  return loop.Task(init_params=init_params, loss_fn=vector_loss if vector else loss_fn,
+                   train_data=train_data,
+                   eval_data=eval_data, init_extra=None if vector else init_extra,
+                   on_eval=None if vector else on_eval)
 
 
 def main(config, workdir):

@@ -110,8 +110,9 @@ class VQVAE(nn.Module):
     self.encoder = _ViT(self.width, self.enc_depth, self.heads, self.code_dim)
     self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, self.ema_decay,
                                      self.restart_factor, self.commitment)
-    self.decoder = _ViT(self.width, self.dec_depth, self.heads,
-                        self.patch_size ** 2 * self.out_channels)
+    if self.dec_depth:        # dec_depth=0: encoder and quantizer only (diffusion decoder)
+      self.decoder = _ViT(self.width, self.dec_depth, self.heads,
+                          self.patch_size ** 2 * self.out_channels)
 
   def _patchify(self, x):
     if self.class_ids:

@@ -15,6 +15,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # modality -> tokenizers_jax.train workdir ('' = not tokenised)
   c.image_tokenizers = ml_collections.ConfigDict(
       {"rgb": "", "depth": "", "normals": "", "semantic": "", "edges": ""})
+  # vector field -> mlp_vae workdir (configs/tokenizers/mlp_vae.py), written as tok_<field>
+  c.vector_tokenizers = ml_collections.ConfigDict({"aim_global": ""})
   c.sam_instance_tokenizer = ""   # a sam_mask tokenizer workdir: adds the sam_instance sequence
   c.sam_points = 7             # query points per record (4M-21: 7, drawn at random)
   c.sam_max_len = 290          # 4M-21's longest sam_instance sequence, [EOS] included

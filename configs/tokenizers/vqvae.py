@@ -28,6 +28,7 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
   tiny = opts["variant"] == "tiny"
 
   c = ml_collections.ConfigDict()
+  c.kind = "vqvae"
   c.modality = opts["modality"]
   c.variant = opts["variant"]
   c.seed = 0
