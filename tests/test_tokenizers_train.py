@@ -85,7 +85,8 @@ def test_diffusion_decoder_depth_tokenizer_reconstructs_from_tokens(tmp_path):
   tokens with 25 DDIM steps from noise beats the mean prediction of standardised depth."""
   from tokenizers_jax import tokenize as tok_lib
   cfg = load_config("configs/tokenizers/diffusion.py", "modality=depth,variant=tiny")
-  cfg.total_steps, cfg.eval_every, cfg.checkpoint_every = 200, 200, 200
+  cfg.total_steps, cfg.eval_every, cfg.checkpoint_every = 150, 150, 150
+  cfg.diffusion.base_channels, cfg.diffusion.channel_mult = 16, (1, 2, 2)   # a faster UNet
   cfg.data.eval, cfg.data.eval_batches = "scenes:64", 1
   loop.train(cfg, str(tmp_path), tok_train.build_task(cfg))
   tok = tok_lib.Tokenizer(str(tmp_path))
@@ -94,11 +95,11 @@ def test_diffusion_decoder_depth_tokenizer_reconstructs_from_tokens(tmp_path):
   assert tokens.shape == (16, 4, 4)
   recon = tok.detokenize(tokens)[..., 0]
   err, baseline = float(np.abs(recon - x).mean()), float(np.abs(x).mean())
-  assert err < 0.3 * baseline, (err, baseline)          # measured: about 0.06 vs 0.79
+  assert err < 0.3 * baseline, (err, baseline)          # measured: about 0.09 vs 0.79
   # the sample is deterministic for a seed, and another seed draws another sample
   np.testing.assert_array_equal(tok.detokenize(tokens)[..., 0], recon)
   assert not np.array_equal(tok.detokenize(tokens, seed=1)[..., 0], recon)
-  assert (tmp_path / "reconstructions" / "step_000200.png").exists()
+  assert (tmp_path / "reconstructions" / "step_000150.png").exists()
 
 
 def test_pose_mlp_dvae_gives_8_tokens_and_beats_the_mean_pose(tmp_path):
