@@ -1,0 +1,397 @@
+"""The 4M encoder-decoder (4M Sec. 2, App. C; 4M-21 Sec. 2) in Flax linen.
+
+Input: a dict modality name -> {
+    'tensor':  int [B, N] (or [B, h, w]) token ids; float [B, H, W, C] pixels
+               (kind 'pixels'); float [B, L, E] embeddings (kind 'seq_emb'),
+    'input_mask':  bool [B, N], True where the token is NOT given to the encoder,
+    'target_mask': bool [B, N], True where the token is NOT a decoder target,
+    'decoder_attention_mask': int [B, N], the compressed decoder self-attention
+               pattern (its cumulative sum bounds what each target sees: [n, 0, ...]
+               lets n tokens see each other, [1, 1, ...] is causal)}
+(the official model's conventions, so its batches and checkpoints carry over;
+fourm_jax.masking makes them).
+
+Encoder: every input modality's tokens (token embedding, patch projection or
+linear projection of embeddings) plus its fixed positions and learned
+modality embedding are concatenated; the first `num_encoder_tokens` given
+tokens are kept (a stable sort on input_mask), the padding is zeroed and
+masked out of attention. Decoder: image-like targets enter as the mask token,
+sequence targets as their tokens shifted right; the first `num_decoder_tokens`
+targets are kept; self-attention is restricted by the compressed pattern and
+to tokens of the same modality; cross-attention reads the encoder output
+projected and re-summed with the encoder's positions and modality embeddings.
+Pre-norm blocks, LayerNorm eps 1e-6 without bias, SwiGLU without biases
+(hidden int(2/3 * mlp_ratio * dim)), optional QK-norm. Every shape is fixed
+by (modalities, num_encoder_tokens, num_decoder_tokens), so nothing
+recompiles between batches.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fourm_jax.modalities import Modality
+from pretrain_jax import positions
+
+Batch = dict[str, dict[str, jax.Array]]
+
+# size -> (encoder blocks, decoder blocks, dim, heads) (4M Table 4; 'tiny' for tests)
+SIZES = {
+    "tiny": (2, 2, 64, 4),
+    "Ti": (6, 6, 384, 6),
+    "S": (8, 8, 512, 8),
+    "B": (12, 12, 768, 12),
+    "L": (24, 24, 1024, 16),
+    "XL": (24, 24, 2048, 32),
+}
+
+
+def _name(modality: str) -> str:
+  return modality.replace("@", "_at_")
+
+
+def _norm(name, dtype):
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, dtype=dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)))
+
+
+def _constrain(x):
+  return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _heads_param(module, name, shape, names, in_axis, out_axis):
+  init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+
+
+class Attention(nn.Module):
+  """Multi-head attention; self-attention when `context` is None. mask: bool
+  [B, 1 or T, S] (True = may attend)."""
+  num_heads: int
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, context=None):
+    d, h = x.shape[-1], self.num_heads
+    hd = d // h
+    x = x.astype(self.dtype)
+    if context is None:
+      w = _heads_param(self, "qkv", (d, 3, h, hd), ("embed", "qkv", "heads", "kv"), 0, (1, 2, 3))
+      q, k, v = jnp.einsum("btd,dshk->sbthk", x, w.astype(self.dtype))
+    else:
+      wq = _heads_param(self, "q", (d, h, hd), ("embed", "heads", "kv"), 0, (1, 2))
+      wkv = _heads_param(self, "kv", (d, 2, h, hd), ("embed", "qkv", "heads", "kv"), 0, (1, 2, 3))
+      q = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
+      k, v = jnp.einsum("bsd,dchk->cbshk", context.astype(self.dtype), wkv.astype(self.dtype))
+    if self.qk_norm:
+      q = _norm("q_norm", self.dtype)(q)
+      k = _norm("k_norm", self.dtype)(k)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length",
+                                       "activation_heads", "activation_kv"))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    wo = _heads_param(self, "proj", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
+    return jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
+
+
+class SwiGLU(nn.Module):
+  """fc2(silu(fc1(x)) * fc3(x)), no biases; hidden int(2/3 * mlp_ratio * dim)."""
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    hidden = int(2 * int(d * self.mlp_ratio) / 3)
+    dense = lambda n, names, name: nn.Dense(
+        n, use_bias=False, dtype=self.dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names))
+    g = dense(hidden, ("embed", "mlp"), "fc1")(x)
+    u = dense(hidden, ("embed", "mlp"), "fc3")(x)
+    h = nn.with_logical_constraint(nn.silu(g) * u, ("activation_batch", "activation_length",
+                                                    "activation_mlp"))
+    return dense(d, ("mlp", "embed"), "fc2")(h)
+
+
+class EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = x + Attention(self.num_heads, self.qk_norm, self.dtype, name="attn")(
+        _norm("norm1", self.dtype)(x), mask)
+    x = x + SwiGLU(self.mlp_ratio, self.dtype, name="mlp")(_norm("norm2", self.dtype)(x))
+    return _constrain(x)
+
+
+class DecoderBlock(nn.Module):
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, y, context, self_mask, cross_mask):
+    y = y + Attention(self.num_heads, self.qk_norm, self.dtype, name="self_attn")(
+        _norm("norm1", self.dtype)(y), self_mask)
+    y = y + Attention(self.num_heads, self.qk_norm, self.dtype, name="cross_attn")(
+        _norm("query_norm", self.dtype)(y), cross_mask, _norm("context_norm", self.dtype)(context))
+    y = y + SwiGLU(self.mlp_ratio, self.dtype, name="mlp")(_norm("norm2", self.dtype)(y))
+    return _constrain(y)
+
+
+def _remat(cls, remat: bool):
+  return nn.remat(cls, policy=jax.checkpoint_policies.nothing_saveable) if remat else cls
+
+
+def _embed_init():
+  return nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+
+
+class FourM(nn.Module):
+  """The 4M encoder-decoder over `inputs` and `targets` (registry rows)."""
+  inputs: Sequence[Modality]
+  targets: Sequence[Modality]
+  dim: int = 768
+  encoder_depth: int = 12
+  decoder_depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  tie_embeddings: bool = True     # decoder token embedding doubles as the output layer
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    d = self.dim
+    names = {m.name for m in (*self.inputs, *self.targets)}
+    # one modality embedding per modality, shared by encoder and decoder
+    self.mod_emb = {n: self.param(f"mod_emb_{_name(n)}", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d)) for n in sorted(names)}
+    enc = {}
+    for m in self.inputs:
+      if not m.input:
+        raise ValueError(f"modality {m.name!r} cannot be an input")
+      if m.kind in ("image", "global", "seq"):
+        enc[m.name] = nn.Embed(m.vocab_size, d, embedding_init=_embed_init(),
+                               name=f"enc_tok_{_name(m.name)}")
+      elif m.kind == "pixels":
+        enc[m.name] = nn.Dense(d, use_bias=False, name=f"enc_proj_{_name(m.name)}",
+                               kernel_init=nn.with_logical_partitioning(
+                                   nn.initializers.xavier_uniform(), ("patch", "embed")))
+      else:
+        enc[m.name] = nn.Dense(d, name=f"enc_proj_{_name(m.name)}",
+                               kernel_init=nn.with_logical_partitioning(
+                                   nn.initializers.xavier_uniform(), (None, "embed")))
+    self.enc_embed = enc
+    dec, logits = {}, {}
+    for m in self.targets:
+      if not m.target:
+        raise ValueError(f"modality {m.name!r} cannot be a target")
+      dec[m.name] = nn.Embed(m.vocab_size, d, embedding_init=_embed_init(),
+                             name=f"dec_tok_{_name(m.name)}")
+      if not self.tie_embeddings:
+        logits[m.name] = nn.Dense(m.vocab_size, use_bias=False, name=f"to_logits_{_name(m.name)}",
+                                  kernel_init=nn.with_logical_partitioning(
+                                      nn.initializers.xavier_uniform(), ("embed", "vocab")))
+    self.dec_embed, self.to_logits = dec, logits
+    self.learned_pos = {m.name: self.param(f"pos_emb_{_name(m.name)}", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, "embed")), (m.length, d))
+        for m in {m.name: m for m in (*self.inputs, *self.targets)}.values() if m.kind == "global"}
+    self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d))
+    self.encoder = [_remat(EncoderBlock, self.remat)(self.num_heads, self.mlp_ratio, self.qk_norm,
+                                                     self.dtype, name=f"encoder_{i}")
+                    for i in range(self.encoder_depth)]
+    self.encoder_norm = _norm("encoder_norm", self.dtype)
+    self.decoder_proj_context = nn.Dense(d, name="decoder_proj_context", kernel_init=(
+        nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "mlp"))))
+    self.decoder = [_remat(DecoderBlock, self.remat)(self.num_heads, self.mlp_ratio, self.qk_norm,
+                                                     self.dtype, name=f"decoder_{i}")
+                    for i in range(self.decoder_depth)]
+    self.decoder_norm = _norm("decoder_norm", self.dtype)
+
+  # ---- positions ------------------------------------------------------------------------------
+  def _grid_pos(self, m: Modality, n: int):
+    if m.kind == "global":
+      return self.learned_pos[m.name][:n]
+    return jnp.asarray(positions.sincos_2d(*m.grid, self.dim, rows_first=True))
+
+  def _seq_pos(self, mask, length: int):
+    """1D positions of the tokens where `mask` is False, counted among them. [B, N, D]."""
+    pos_id = jnp.cumsum(~mask, axis=1) - 1
+    pos_id = jnp.where(mask | (pos_id >= length), 0, pos_id)
+    table = jnp.asarray(positions.sincos_1d(length, self.dim))
+    return jnp.where(mask[..., None], 0.0, table[pos_id])
+
+  # ---- embeddings -----------------------------------------------------------------------------
+  def embed_inputs(self, batch: Batch):
+    """-> tokens [B, O, D], emb [B, O, D], hidden bool [B, O] over all input modalities."""
+    xs, embs, masks = [], [], []
+    for m in self.inputs:
+      d = batch[m.name]
+      t, mask = d["tensor"], d["input_mask"].astype(bool)
+      b = t.shape[0]
+      if m.kind == "pixels":
+        p = m.patch_size
+        _, hh, ww, c = t.shape
+        t = t.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = self.enc_embed[m.name](t.reshape(b, (hh // p) * (ww // p), p * p * c))
+      elif m.kind == "seq_emb":
+        x = self.enc_embed[m.name](t)
+      else:
+        x = self.enc_embed[m.name](t.reshape(b, -1))
+      n = x.shape[1]
+      if m.is_sequence:
+        emb = self._seq_pos(mask, m.length)
+      else:
+        emb = jnp.broadcast_to(self._grid_pos(m, n), (b, n, self.dim))
+      xs.append(x)
+      embs.append(emb + self.mod_emb[m.name])
+      masks.append(mask)
+    return jnp.concatenate(xs, 1), jnp.concatenate(embs, 1), jnp.concatenate(masks, 1)
+
+  def embed_targets(self, batch: Batch):
+    """-> tokens, emb [B, P, D]; hidden bool, ids, attention, modality index int [B, P]."""
+    xs, embs, masks, ids, att, mods = [], [], [], [], [], []
+    for i, m in enumerate(self.targets):
+      d = batch[m.name]
+      t = d["tensor"].reshape(d["tensor"].shape[0], -1)
+      mask, a = d["target_mask"].astype(bool), d["decoder_attention_mask"].astype(jnp.int32)
+      b, n = t.shape
+      if m.kind == "seq":
+        x = self.dec_embed[m.name](t)
+        emb = self._seq_pos(mask, m.length) + self.mod_emb[m.name]
+        # inputs are the tokens shifted right: position j predicts token j + 1
+        xs.append(x[:, :-1])
+        embs.append(emb[:, :-1])
+        masks.append(mask[:, 1:] | mask[:, :-1])
+        ids.append(t[:, 1:])
+        att.append(a[:, :-1])
+        n -= 1
+      else:
+        xs.append(jnp.broadcast_to(self.mask_token, (b, n, self.dim)))
+        embs.append(jnp.broadcast_to(self._grid_pos(m, n) + self.mod_emb[m.name], (b, n, self.dim)))
+        masks.append(mask)
+        ids.append(t)
+        att.append(a)
+      mods.append(jnp.full((b, n), i, jnp.int32))
+    cat = lambda v: jnp.concatenate(v, 1)
+    return cat(xs), cat(embs), cat(masks), cat(ids), cat(att), cat(mods)
+
+  # ---- forward --------------------------------------------------------------------------------
+  def encode(self, batch: Batch, num_encoder_tokens: int):
+    """-> (context [B, N, D] encoder output, emb [B, N, D], valid bool [B, N])."""
+    x, emb, hidden = self.embed_inputs(batch)
+    keep = jnp.argsort(hidden, axis=1, stable=True)[:, :num_encoder_tokens]
+    take = lambda v: jnp.take_along_axis(v, keep[..., None] if v.ndim == 3 else keep, axis=1)
+    x, emb, hidden = take(x), take(emb), take(hidden)
+    valid = ~hidden
+    x = jnp.where(valid[..., None], x, 0.0)
+    emb = jnp.where(valid[..., None], emb, 0.0)
+    h = _constrain((x + emb).astype(self.dtype))
+    mask = valid[:, None, :]
+    for blk in self.encoder:
+      h = blk(h, mask)
+    return self.encoder_norm(h), emb, valid
+
+  def decode(self, batch: Batch, context, context_emb, context_valid, num_decoder_tokens: int):
+    """-> (y [B, M, D] decoder output, target ids [B, M], modality index [B, M] into
+    `targets`, valid bool [B, M])."""
+    y, emb, hidden, ids, att, mods = self.embed_targets(batch)
+    keep = jnp.argsort(hidden, axis=1, stable=True)[:, :num_decoder_tokens]
+    take = lambda v: jnp.take_along_axis(v, keep[..., None] if v.ndim == 3 else keep, axis=1)
+    y, emb, hidden, ids, att, mods = map(take, (y, emb, hidden, ids, att, mods))
+    valid = ~hidden
+    y = jnp.where(valid[..., None], y, 0.0)
+    emb = jnp.where(valid[..., None], emb, 0.0)
+    ids = jnp.where(valid, ids, 0)
+    # token i may see token j < cumsum(att)[i] of its own modality
+    bound = jnp.cumsum(att, axis=1)
+    m = y.shape[1]
+    self_mask = (jnp.arange(m)[None, None, :] < bound[:, :, None]) & \
+        (mods[:, :, None] == mods[:, None, :])
+    ctx = self.decoder_proj_context(context) + context_emb
+    h = _constrain((y + emb).astype(self.dtype))
+    cross_mask = context_valid[:, None, :]
+    for blk in self.decoder:
+      h = blk(h, ctx, self_mask, cross_mask)
+    return self.decoder_norm(h), ids, mods, valid
+
+  def logits(self, y, modality: str):
+    """Decoder outputs [B, M, D] -> logits [B, M, V] of `modality` (float32)."""
+    if self.tie_embeddings:
+      return self.dec_embed[modality].attend(y.astype(jnp.float32))
+    return self.to_logits[modality](y).astype(jnp.float32)
+
+  def __call__(self, batch: Batch, num_encoder_tokens: int, num_decoder_tokens: int):
+    context, emb, valid = self.encode(batch, num_encoder_tokens)
+    out = self.decode(batch, context, emb, valid, num_decoder_tokens)
+    if self.is_initializing():          # create every output layer's parameters
+      for m in self.targets:
+        self.logits(out[0][:, :1], m.name)
+    return out
+
+
+def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
+         num_decoder_tokens: int, loss_type: str = "mod"):
+  """Cross-entropy of the decoder targets -> (loss, {modality: loss}).
+
+  'mod': each target modality's mean over its tokens in the batch, then the
+  mean over the target modalities (one without tokens counts 0, as in the
+  official code); 'token': the mean over all target tokens.
+  """
+  if loss_type not in ("mod", "token"):
+    raise ValueError(f"unknown loss_type {loss_type!r}; use 'mod' or 'token'")
+  y, ids, mods, valid = model.apply(variables, batch, num_encoder_tokens, num_decoder_tokens)
+  per_mod, total, count = {}, 0.0, 0.0
+  for i, m in enumerate(model.targets):
+    logits = model.apply(variables, y, m.name, method=model.logits)
+    w = (valid & (mods == i)).astype(jnp.float32)
+    own = jnp.where(w > 0, ids, 0)      # other modalities' ids may exceed this vocabulary
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), own[..., None], -1)[..., 0]
+    n = w.sum()
+    per_mod[m.name] = jnp.where(n > 0, (nll * w).sum() / jnp.maximum(n, 1.0), 0.0)
+    total, count = total + (nll * w).sum(), count + n
+  if loss_type == "token":
+    return total / jnp.maximum(count, 1.0), per_mod
+  return sum(per_mod.values()) / len(per_mod), per_mod
+
+
+def from_config(model_cfg) -> FourM:
+  """model_cfg: size, inputs, targets (registry names), and optional overrides."""
+  from fourm_jax import modalities
+  size = model_cfg.get("size", "B")
+  if size not in SIZES:
+    raise ValueError(f"unknown 4M size {size!r}; known: {list(SIZES)}")
+  enc, dec, dim, heads = SIZES[size]
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
+  return FourM(modalities.get(model_cfg.inputs), modalities.get(model_cfg.targets),
+               dim=model_cfg.get("dim", 0) or dim,
+               encoder_depth=model_cfg.get("encoder_depth", 0) or enc,
+               decoder_depth=model_cfg.get("decoder_depth", 0) or dec,
+               num_heads=model_cfg.get("num_heads", 0) or heads,
+               qk_norm=model_cfg.get("qk_norm", False),
+               tie_embeddings=model_cfg.get("tie_embeddings", True), dtype=dtype,
+               remat=model_cfg.get("remat", False))
+
+
+def count_params(params, embeddings: bool = False) -> int:
+  """Parameters; without `embeddings`, leaves out per-modality embeddings and output layers
+  (as 4M Table 4 counts them)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  total = 0
+  for path, leaf in flat:
+    top = str(getattr(path[0], "key", path[0]))
+    if not embeddings and top.startswith(("mod_emb_", "enc_tok_", "enc_proj_", "dec_tok_",
+                                          "to_logits_", "pos_emb_", "mask_token")):
+      continue
+    total += int(np.prod(leaf.shape))
+  return total
