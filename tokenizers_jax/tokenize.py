@@ -39,6 +39,8 @@ from tokenizers_jax import diffusion, sequences, text
 from tokenizers_jax import train as tok_train
 
 WRITER_OPTIONS = "group_size:1"
+# the record field an image tokenizer of a modality reads, where it is not the modality's name
+INPUT_FIELDS = {"rgb": "image", "edges": "canny_edges"}
 METADATA_FIELDS = ("image_metadata", "semantic_metadata", "geometric_metadata", "caption_length")
 
 
@@ -156,8 +158,9 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
       if image_toks[field].kind != "mlp_vae":
         raise ValueError(f"vector_tokenizers.{field} points at a {image_toks[field].kind} "
                          "tokenizer, not an mlp_vae one")
-  for m in image_toks:
-    if m not in in_schema:
+  source_field = {m: (m if m in in_schema else INPUT_FIELDS.get(m, m)) for m in image_toks}
+  for m, f in source_field.items():
+    if f not in in_schema:
       raise ValueError(f"the input shards have no {m!r} field to tokenise (fields: "
                        f"{sorted(in_schema)})")
   tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
@@ -175,7 +178,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   os.makedirs(out, exist_ok=True)
   schema_lib.write_schema(out, schema)
   names = _class_names(config)
-  fields = [f for f in in_schema if f not in ("image",)]
+  fields = [f for f in in_schema if f != "image" or "image" in source_field.values()]
   written = records_out = 0
   for path in source.paths:
     final = os.path.join(out, os.path.basename(path))
@@ -187,7 +190,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     try:
       for start in range(0, len(ds), config.batch_size):
         recs = [ds[i] for i in range(start, min(start + config.batch_size, len(ds)))]
-        toks = {m: t([r[m] for r in recs]) for m, t in image_toks.items()}
+        toks = {m: t([r[source_field[m]] for r in recs]) for m, t in image_toks.items()}
         for j, rec in enumerate(recs):
           row = {"index": rec["index"], "key": rec["key"]}
           row.update({f"tok_{m}": toks[m][j] for m in image_toks})
