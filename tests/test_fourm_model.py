@@ -109,14 +109,17 @@ def _tiny_model_and_batch(seed=0, b=2):
   batch["caption"] = {"tensor": cap, "input_mask": np.ones((b, 256), bool), "target_mask": tgt,
                       "decoder_attention_mask": np.ones((b, 256), np.int32)}   # causal
   batch = jax.tree.map(jnp.asarray, batch)
-  variables = model.init(jax.random.key(seed), batch, 40, 64)
+  variables = jax.jit(lambda r, b: model.init(r, b, 40, 64))(jax.random.key(seed), batch)
   return model, variables, batch
 
 
 def _all_logits(model, variables, batch):
-  y, ids, mods, valid = model.apply(variables, batch, 40, 64)
-  return {m.name: np.asarray(model.apply(variables, y, m.name, method=model.logits))
-          for m in model.targets}, np.asarray(mods), np.asarray(valid)
+  @jax.jit
+  def forward(variables, batch):
+    y, ids, mods, valid = model.apply(variables, batch, 40, 64)
+    return {m.name: model.apply(variables, y, m.name, method=model.logits)
+            for m in model.targets}, mods, valid
+  return jax.tree.map(np.asarray, forward(variables, batch))
 
 
 def test_decoder_keeps_modalities_apart():

@@ -40,7 +40,7 @@ from tokenizers_jax import train as tok_train
 
 WRITER_OPTIONS = "group_size:1"
 # the record field an image tokenizer of a modality reads, where it is not the modality's name
-INPUT_FIELDS = {"rgb": "image", "edges": "canny_edges"}
+INPUT_FIELDS = {"rgb": "image", "edges": "canny_edges", "features": "aim_features"}
 METADATA_FIELDS = ("image_metadata", "semantic_metadata", "geometric_metadata", "caption_length")
 
 

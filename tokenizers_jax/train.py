@@ -48,6 +48,12 @@ def prepare(modality: str, value: np.ndarray) -> np.ndarray:
     return (np.asarray(value) > 0).astype(np.int32)
   if modality in VECTOR_TARGETS:
     return np.asarray(value, np.float32).reshape(-1)
+  if modality == "features":            # [K, D] patch features -> [g, g, D]
+    x = np.asarray(value, np.float32)
+    g = int(round(np.sqrt(x.shape[0])))
+    if g * g != x.shape[0]:
+      raise ValueError(f"feature map of {x.shape[0]} tokens is not a square grid")
+    return x.reshape(g, g, x.shape[-1])
   raise ValueError(f"unknown tokenizer modality {modality!r}; known: "
                    f"{sorted(vqvae.MODALITIES) + sorted(VECTOR_TARGETS)}")
 
@@ -110,9 +116,9 @@ def _dataset(data_cfg, spec: str, modality: str, split: str) -> grain.MapDataset
   kind, _, arg = spec.partition(":")
   seed = data_cfg.scenes_seed if split == "train" else data_cfg.scenes_seed + 1_000_003
   if kind == "scenes":
-    if modality in VECTOR_TARGETS:
-      raise ValueError(f"scenes data has no {modality!r} vectors: use arrayrecord:GLOB shards "
-                       "(e.g. the aim_features labeller's aim_global) or synthetic_poses:N")
+    if modality in VECTOR_TARGETS or modality == "features":
+      raise ValueError(f"scenes data has no {modality!r}: use arrayrecord:GLOB shards (the "
+                       "aim_features labeller's aim_features / aim_global) or synthetic_poses:N")
     return grain.MapDataset.source(_Scenes(int(arg or 10_000), seed, data_cfg.resolution,
                                            modality))
   if kind == "synthetic_poses":
@@ -134,6 +140,11 @@ def to_rgb(modality: str, x: np.ndarray) -> np.ndarray:
     return palette[np.clip(ids, 0, len(palette) - 1)].astype(np.uint8)
   if modality == "sam_mask":
     x = (x.argmax(-1) if x.ndim == 3 else x).astype(np.float32)
+  if modality == "features":             # the first principal direction, min-max scaled
+    flat = x.reshape(-1, x.shape[-1]) - x.reshape(-1, x.shape[-1]).mean(0)
+    v = np.linalg.svd(flat, full_matrices=False)[2][0] if flat.any() else np.zeros(x.shape[-1])
+    x = (flat @ v).reshape(x.shape[:2])
+    x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
   if x.ndim == 3 and x.shape[-1] == 1:
     x = x[..., 0]
   if modality in ("rgb", "normals"):
@@ -167,10 +178,7 @@ def build_model(config):
       raise ValueError(f"mlp_vae target {config.modality!r} unknown; known: "
                        f"{sorted(VECTOR_TARGETS)}")
     return mlp_vae.MLPVAE(m.in_dim, m.num_tokens, m.num_codes, m.width, m.blocks, m.code_dim)
-  if config.modality not in vqvae.MODALITIES:
-    raise ValueError(f"unknown tokenizer modality {config.modality!r}; known: "
-                     f"{sorted(vqvae.MODALITIES)}")
-  spec = vqvae.MODALITIES[config.modality]
+  spec = vqvae.modality_spec(config.modality, m.get("feature_dim", 0))
   if kind == "diffusion":
     if spec.class_ids:
       raise ValueError(f"the diffusion decoder is for continuous modalities, not "
@@ -188,7 +196,8 @@ def build_model(config):
 def _dummy_input(config):
   if config.get("kind", "vqvae") == "mlp_vae":
     return jnp.zeros((1, config.model.in_dim))
-  spec, r = vqvae.MODALITIES[config.modality], config.data.resolution
+  spec = vqvae.modality_spec(config.modality, config.model.get("feature_dim", 0))
+  r = config.data.resolution
   if spec.class_ids:
     return jnp.zeros((1, r, r), jnp.int32)
   return jnp.zeros((1, r, r, spec.in_channels) if spec.in_channels > 1 else (1, r, r))
@@ -200,6 +209,10 @@ def build_task(config) -> loop.Task:
     # the vector size comes from the data; written back so config.json records it
     config.model.in_dim = int(_dataset(config.data, config.data.train, config.modality,
                                        "train")[0]["x"].shape[0])
+  if config.modality == "features" and not config.model.get("feature_dim", 0):
+    first = _dataset(config.data, config.data.train, config.modality, "train")[0]["x"]
+    config.model.feature_dim = int(first.shape[-1])
+    config.data.resolution = int(first.shape[0])
   model = build_model(config)
   dummy = _dummy_input(config)
   init_args = (dummy,) if kind != "diffusion" else (
@@ -215,7 +228,7 @@ def build_task(config) -> loop.Task:
     return {"vq": model.init({"params": rng}, dummy, method=model.encode)["vq"]}
 
   def vqvae_loss(params, batch, rng, extra):
-    spec = vqvae.MODALITIES[config.modality]
+    spec = vqvae.modality_spec(config.modality, config.model.get("feature_dim", 0))
     (pred, aux), updates = model.apply({"params": params, **extra}, batch["x"], train=True,
                                        mutable=["vq"], rngs={"restart": rng})
     rec = vqvae.reconstruction_loss(spec.loss, pred, batch["x"], spec.out_channels)

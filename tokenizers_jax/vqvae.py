@@ -87,7 +87,22 @@ MODALITIES = {
     "edges": ModalitySpec(1, 1, "mse"),
     # SAM instance masks (4M-21 App. D.3): one instance cropped to its box, resized to 64 x 64
     "sam_mask": ModalitySpec(2, 2, "cross_entropy", class_ids=True),
+    # feature maps of a frozen network (CLIP, DINOv2, ImageBind; here AIM's) as a grid
+    # [g, g, D]; D comes from the config (model.feature_dim)
+    "features": ModalitySpec(0, 0, "smooth_l1"),
 }
+
+
+def modality_spec(modality: str, feature_dim: int = 0) -> ModalitySpec:
+  """MODALITIES[modality], with the channel count of a feature-map modality filled in."""
+  if modality not in MODALITIES:
+    raise ValueError(f"unknown tokenizer modality {modality!r}; known: {sorted(MODALITIES)}")
+  spec = MODALITIES[modality]
+  if modality == "features":
+    if feature_dim <= 0:
+      raise ValueError("a feature-map tokenizer needs model.feature_dim (the features' width)")
+    spec = dataclasses.replace(spec, in_channels=feature_dim, out_channels=feature_dim)
+  return spec
 
 
 class VQVAE(nn.Module):

@@ -14,7 +14,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.out = ""
   # modality -> tokenizers_jax.train workdir ('' = not tokenised)
   c.image_tokenizers = ml_collections.ConfigDict(
-      {"rgb": "", "depth": "", "normals": "", "semantic": "", "edges": ""})
+      {"rgb": "", "depth": "", "normals": "", "semantic": "", "edges": "", "features": ""})
   # vector field -> mlp_vae workdir (configs/tokenizers/mlp_vae.py), written as tok_<field>
   c.vector_tokenizers = ml_collections.ConfigDict({"aim_global": ""})
   c.sam_instance_tokenizer = ""   # a sam_mask tokenizer workdir: adds the sam_instance sequence

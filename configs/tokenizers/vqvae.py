@@ -3,15 +3,18 @@
   python -m tokenizers_jax.train --config=configs/tokenizers/vqvae.py:modality=depth,variant=tiny \
       --workdir=workdir/tok_depth
 
-Arguments: modality (rgb, depth, normals, semantic, edges, sam_mask) and variant
+Arguments: modality (rgb, depth, normals, semantic, edges, sam_mask, features) and variant
 ('tiny': trains in a minute on CPU at 32 px; 'B16': the paper's ViT-B/16
 encoder and decoder at 224 px with the paper's codebook for the modality).
+'features' tokenizes feature maps of pseudo-labelled shards (the aim_features
+labeller's [K, D] maps, one token per feature vector, smooth L1): pass
+--config.data.train/eval=arrayrecord:GLOB.
 """
 import ml_collections
 
 # 4M Table 3 codebook sizes (edges: 4M-21 App. D.7)
 NUM_CODES = {"rgb": 16384, "depth": 8192, "normals": 8192, "semantic": 4096, "edges": 8192,
-             "sam_mask": 1024}
+             "sam_mask": 1024, "features": 8192}
 
 
 def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.ConfigDict:
@@ -47,14 +50,21 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
   c.data.train = "scenes:20000"        # scenes:N (rendered) or arrayrecord:GLOB (pseudo-labelled)
   c.data.eval = "scenes:128"
   c.data.eval_batches = 4
-  c.data.field = ""                    # record field for arrayrecord (default: the modality)
+  c.data.field = "aim_features" if c.modality == "features" else ""   # arrayrecord field
+  if c.modality == "features":         # feature maps come from pseudo-labelled shards
+    c.data.train = c.data.eval = "arrayrecord:"
   # SAM instance masks are 64 x 64 crops -> 16 tokens at patch 16 (4M-21 App. D.3)
   c.data.resolution = 64 if c.modality == "sam_mask" else (32 if tiny else 224)
+  if c.modality == "features":         # the grid side; 0 = read from the data
+    c.data.resolution = 0 if tiny else 16
   c.data.scenes_seed = 0
   c.data.threads = 2 if tiny else 16
 
   c.model = ml_collections.ConfigDict()
   c.model.patch_size = 16 if (c.modality == "sam_mask" or not tiny) else 8
+  if c.modality == "features":         # one token per feature vector (DINOv2-B/14: 16 x 16)
+    c.model.patch_size = 1
+  c.model.feature_dim = 0 if tiny else 768   # features' width (0 = read from the data)
   c.model.width = 64 if tiny else 768
   c.model.enc_depth = 2 if tiny else 12
   c.model.dec_depth = 2 if tiny else 12
