@@ -61,10 +61,11 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   result = tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", out)
   assert result == {"shards": 3, "written": 3, "records": 9}
   schema = schema_lib.read_schema(out)
-  assert set(schema) == {"index", "key", "tok_depth", "tok_aim_global", "caption", "det",
+  assert set(schema) == {"index", "key", "image", "tok_depth", "tok_aim_global", "caption", "det",
                          "color_palette", "metadata", "sam_instance"}
   ds = multimodal.dataset(f"{out}/*.array_record")
   rec, truth = ds[4], render_scene(0, 4, 32)
+  np.testing.assert_array_equal(rec["image"], truth["rgb"])      # copied unchanged
   assert rec["tok_depth"].shape == (4, 4) and rec["tok_depth"].dtype == np.int32
   wp = text.load(str(setup / "text.json"))
   assert text.decode(wp, rec["caption"]) == truth["caption"]
@@ -118,3 +119,32 @@ def test_a_tokenizer_for_another_modality_is_refused(setup):
   c.image_tokenizers.normals = str(setup / "tok_depth")
   with pytest.raises(ValueError, match="image_tokenizers.normals points at a 'depth' tokenizer"):
     tok_lib.tokenize(c, f"{setup}/labelled/*.array_record", str(setup / "x"))
+
+
+def test_text_and_tokenize_clis_write_a_vocabulary_and_token_shards(setup, tmp_path):
+  """The two command lines a user runs, end to end as subprocesses."""
+  import subprocess
+  import sys
+  from conftest import ROOT, subprocess_env
+  vocab = tmp_path / "vocab.json"
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=subprocess_env(),
+                                     capture_output=True, text=True, timeout=300)
+  proc = run("tokenizers_jax.fit_text", "--config=configs/tokenizers/text.py",
+             f"--input={setup}/labelled/*.array_record", f"--out={vocab}",
+             "--config.vocab_size=4400")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  tok = text.load(str(vocab))
+  assert tok.get_vocab_size() <= 4400 and tok.token_to_id("v3=999") is not None
+  assert tok.token_to_id("sphere") is not None               # a scenes class, whole
+  proc = run("tokenizers_jax.tokenize", "--config=configs/tokenizers/tokenize.py",
+             f"--input={setup}/labelled/*.array_record", f"--out={tmp_path}/tokens",
+             f"--config.image_tokenizers.depth={setup}/tok_depth",
+             f"--config.text_tokenizer={vocab}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rec = multimodal.dataset(f"{tmp_path}/tokens/*.array_record")[0]
+  assert rec["tok_depth"].shape == (4, 4) and rec["image"].shape == (32, 32, 3)
+  src = multimodal.dataset(f"{setup}/labelled/*.array_record", fields=("caption",))[0]["caption"]
+  words = lambda t: "".join(c if c.isalnum() else " " for c in t.lower()).split()
+  assert words(text.decode(tok, rec["caption"])) == words(src)
+  bad = run("tokenizers_jax.fit_text", "--config=configs/tokenizers/text.py", f"--out={vocab}")
+  assert bad.returncode != 0 and "--input" in bad.stderr

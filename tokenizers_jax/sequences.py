@@ -97,11 +97,25 @@ def id_tokens(ids: Sequence[int]) -> list[str]:
 
 # --- boxes ------------------------------------------------------------------------------------
 
-def encode_boxes(boxes: np.ndarray, names: Sequence[str]) -> str:
-  """boxes float [N, 4] (xmin, ymin, xmax, ymax in [0, 1]), names N class names."""
+BOX_ORDERS = ("dist_to_orig", "area", "none")
+
+
+def encode_boxes(boxes: np.ndarray, names: Sequence[str], order: str = "dist_to_orig") -> str:
+  """boxes float [N, 4] (xmin, ymin, xmax, ymax in [0, 1]), names N class names.
+
+  order: 'dist_to_orig' (the official default: by xmin^2 + ymin^2, nearest the top-left
+  corner first), 'area' (largest first) or 'none' (as given); ties keep the given order.
+  """
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   if len(names) != len(boxes):
     raise ValueError(f"{len(boxes)} boxes but {len(names)} class names")
+  if order not in BOX_ORDERS:
+    raise ValueError(f"unknown box order {order!r}; known: {BOX_ORDERS}")
+  if order != "none" and len(boxes):
+    key = (boxes[:, 0] ** 2 + boxes[:, 1] ** 2 if order == "dist_to_orig" else
+           -(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    idx = np.argsort(key, kind="stable")
+    boxes, names = boxes[idx], [names[i] for i in idx]
   return " ".join(" ".join([*(value_token(g, to_bin(c)) for g, c in enumerate(box)), name])
                   for box, name in zip(boxes, names))
 

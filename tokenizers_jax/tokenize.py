@@ -16,7 +16,8 @@ record, official keys in a fixed order) and, with a SAM-mask tokenizer
 (`sam_instance_tokenizer`), `sam_instance`: `sam_points` query points drawn
 per record (seeded by `seed` and the record's index) with the instances
 under them, each as its box and 16 mask tokens (tokenizers_jax.sequences
-gives every format). Output shards are written to `.tmp` and renamed,
+gives every format). Fields named in `copy_fields` (default `image`, the
+RGB pixels 4M takes as input) are copied unchanged. Output shards are written to `.tmp` and renamed,
 so a rerun skips finished shards and redoes a half-written one; the result
 is deterministic, byte for byte.
 """
@@ -96,6 +97,7 @@ def _class_names(config) -> tuple[str, ...]:
 def output_schema(config, in_schema: dict[str, FieldSpec], image_toks,
                   sam_tok=None) -> dict[str, FieldSpec]:
   out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
+  out.update({f: in_schema[f] for f in config.get("copy_fields", ()) if f in in_schema})
   for field, tok in image_toks.items():
     if tok.kind == "mlp_vae":
       out[f"tok_{field}"] = FieldSpec("array", "int32", (tok.config.model.num_tokens,))
@@ -178,7 +180,9 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   os.makedirs(out, exist_ok=True)
   schema_lib.write_schema(out, schema)
   names = _class_names(config)
-  fields = [f for f in in_schema if f != "image" or "image" in source_field.values()]
+  copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
+  fields = [f for f in in_schema
+            if f != "image" or "image" in source_field.values() or "image" in copied]
   written = records_out = 0
   for path in source.paths:
     final = os.path.join(out, os.path.basename(path))
@@ -192,7 +196,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
         recs = [ds[i] for i in range(start, min(start + config.batch_size, len(ds)))]
         toks = {m: t([r[source_field[m]] for r in recs]) for m, t in image_toks.items()}
         for j, rec in enumerate(recs):
-          row = {"index": rec["index"], "key": rec["key"]}
+          row = {"index": rec["index"], "key": rec["key"], **{f: rec[f] for f in copied}}
           row.update({f"tok_{m}": toks[m][j] for m in image_toks})
           if tok is not None:
             row.update(_sequences(rec, schema, tok, config, names))

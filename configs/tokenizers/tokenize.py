@@ -26,5 +26,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.palette_size = 3           # which of the 1..7-colour palettes to tokenise
   c.max_len = 256              # longest sequence, [EOS] included
   c.batch_size = 32
+  c.copy_fields = ("image",)   # input fields copied unchanged (where present): 4M's RGB pixels
   c.debug = ml_collections.ConfigDict({"stop_after_records": 0})   # fault injection (tests)
   return c
