@@ -19,7 +19,7 @@ import numpy as np
 
 from aimjax import convert
 from aimjax import model as model_lib
-from pretrain_jax import export, partitioning
+from pretrain_jax import checkpoint, export, partitioning
 from pretrain_jax.data import transforms
 
 # Official variants: width, depth, heads (paper Table 1).
@@ -45,18 +45,6 @@ def _model_from_config(model_cfg: dict) -> model_lib.AIM:
   return model_lib.AIM(**{k: model_cfg[k] for k in keys if k in model_cfg})
 
 
-def _state_dir(workdir: str, step: int | None) -> str:
-  """checkpoints/<step>/state of a workdir: `step`, or the latest committed one."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
-      ckpt_dir) else []
-  if not steps:
-    raise FileNotFoundError(f"no committed checkpoint under {ckpt_dir}")
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt_dir}; available: {steps}")
-  return os.path.join(ckpt_dir, str(steps[-1] if step is None else step), "state")
-
-
 def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = None,
          step: int | None = None):
   """Returns (model, params, preprocess).
@@ -79,7 +67,7 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
       cfg = json.load(f)
     model = _model_from_config(cfg["model"])
     import orbax.checkpoint as ocp
-    state = ocp.StandardCheckpointer().restore(_state_dir(path, step))
+    state = ocp.StandardCheckpointer().restore(checkpoint.state_dir(path, step))
     return model, state["params"], preprocessing(model.image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no AIM checkpoint or variant named {path!r}; variants: "

@@ -81,3 +81,51 @@ class Checkpointer:
 
   def close(self) -> None:
     self._mngr.close()
+
+
+def state_dir(workdir: str, step: int | None = None) -> str:
+  """checkpoints/<step>/state of a training workdir: `step`, or the latest committed one."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
+      ckpt_dir) else []
+  if not steps:
+    raise FileNotFoundError(f"no committed checkpoint under {ckpt_dir}")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt_dir}; available: {steps}")
+  return os.path.join(ckpt_dir, str(steps[-1] if step is None else step), "state")
+
+
+def warm_start(params: Any, workdir: str, shardings: Any = None) -> tuple[Any, dict]:
+  """`params` with every leaf that a checkpoint of `workdir` holds under the same path and
+  shape replaced by the checkpoint's (placed with `shardings`, a matching tree).
+
+  Returns (params, report): report lists the `copied`, `new` (not in the checkpoint) and
+  `mismatched` (other shape) paths. Raises ValueError when nothing matches (the wrong
+  model). This is how a run starts from another (4M-21 from 4M-7, super-resolution from
+  4M-L): new modalities' embeddings keep their fresh initialisation.
+  """
+  source = ocp.StandardCheckpointer().restore(state_dir(workdir))["params"]
+  flat_src = {jax.tree_util.keystr(k): v for k, v in
+              jax.tree_util.tree_flatten_with_path(source)[0]}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  shard_leaves = (jax.tree_util.tree_leaves(shardings) if shardings is not None
+                  else [None] * len(leaves))
+  report = {"copied": [], "new": [], "mismatched": []}
+  out = []
+  for (path, leaf), sharding in zip(leaves, shard_leaves):
+    key = jax.tree_util.keystr(path)
+    src = flat_src.get(key)
+    if src is None:
+      report["new"].append(key)
+      out.append(leaf)
+    elif tuple(src.shape) != tuple(leaf.shape):
+      report["mismatched"].append(f"{key}: {tuple(src.shape)} vs {tuple(leaf.shape)}")
+      out.append(leaf)
+    else:
+      value = jax.numpy.asarray(src, leaf.dtype)
+      out.append(jax.device_put(value, sharding) if sharding is not None else value)
+      report["copied"].append(key)
+  if not report["copied"]:
+    raise ValueError(f"init_from {workdir}: no parameter of its checkpoint matches this model "
+                     f"by name and shape (first of ours: {report['new'][:3]})")
+  return jax.tree_util.tree_unflatten(treedef, out), report

@@ -209,6 +209,14 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
     logging.info("Resuming from step %d", int(state.step))
   else:
     state, _ = ts.create_train_state(task.init_params, tx, rng, mesh, rules, task.init_extra)
+    if config.get("init_from"):
+      params, report = checkpoint_lib.warm_start(state.params, config.init_from,
+                                                 shardings.params)
+      state = state.replace(params=params)
+      logging.info("Initialised %d parameter arrays from %s (%d new, %d of another shape%s)",
+                   len(report["copied"]), config.init_from, len(report["new"]),
+                   len(report["mismatched"]),
+                   f": {report['mismatched'][:3]}" if report["mismatched"] else "")
   start_step = int(state.step)
   if start_step >= config.total_steps:
     logging.info("Already at step %d >= total_steps %d: nothing to do", start_step,

@@ -22,7 +22,9 @@ the device.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from typing import Any
 
 import grain
@@ -161,6 +163,59 @@ class ProcessRows(grain.MapDataset):
 
   def __str__(self) -> str:
     return f"ProcessRows(batch={self._batch}, start={self._start}, count={self._count})"
+
+
+class RepeatEach(grain.MapDataset):
+  """Each element of the parent `n` times in a row: element i is parent[i // n].
+
+  Repeated sampling (4M App. E.7, after Feichtenhofer et al.): put it before
+  the per-index random transform (masking), so each record is seen n times an
+  epoch, each time with fresh randomness, and follow it by a window shuffle
+  (`repeated`) so the copies land in different batches. The last `cache`
+  records read are kept, so the copies of a record decode it once.
+  """
+
+  def __init__(self, parent: grain.MapDataset, n: int, cache: int = 64):
+    super().__init__(parent)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+      raise ValueError(f"repeats must be a positive int, got {n!r}")
+    self._n, self._size = n, max(int(cache), 1)
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self.reads = 0          # parent reads (decodes), for tests and benchmarks
+
+  def __len__(self) -> int:
+    return len(self._parent) * self._n
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    j = index // self._n
+    with self._lock:
+      if j in self._cache:
+        self._cache.move_to_end(j)
+        return self._cache[j]
+    value = self._parent[j]
+    with self._lock:
+      self.reads += 1
+      self._cache[j] = value
+      while len(self._cache) > self._size:
+        self._cache.popitem(last=False)
+    return value
+
+  def __str__(self) -> str:
+    return f"RepeatEach(n={self._n})"
+
+
+def repeated(ds: grain.MapDataset, n: int, seed: int, window: int = 256) -> grain.MapDataset:
+  """`ds` (already shuffled) with each record n times, the copies shuffled within windows of
+  `window` records (n * window elements), so they fall in different batches; n = 1 returns
+  `ds` unchanged."""
+  if n == 1:
+    return ds
+  window = max(int(window), 1)
+  return grain.experimental.WindowShuffleMapDataset(
+      RepeatEach(ds, n, cache=window), window_size=n * window, seed=seed)
 
 
 def _rows(batch_size: int, rows: tuple[int, int] | None) -> tuple[int, int]:
