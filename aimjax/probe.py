@@ -1,5 +1,7 @@
 """Probing frozen AIM features (paper Sec. 4.2, 5.4): attentive or linear probes
-for several blocks at once, optionally with LoRA adapters on the trunk.
+for several blocks at once, optionally with LoRA adapters on the trunk. The
+same probes read a 4M encoder on RGB pixels with `--config.backbone=fourm`
+(`init_from` a fourm_jax.train workdir; fourm_jax.backbone).
 
   python -m aimjax.probe --config=configs/aim/probe.py:variant=tiny \
       --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
@@ -73,18 +75,37 @@ def train_probes(config, workdir: str) -> dict:
   if not config.init_from:
     raise ValueError("config key 'init_from' must name a workdir, checkpoint or variant")
   os.makedirs(workdir, exist_ok=True)
-  model, trunk_params, _ = aimjax.load(config.init_from, image_size=config.data.image_size,
-                                       step=config.get("init_step") or None)
-  if model.image_size != config.data.image_size:
-    model = model.clone(image_size=config.data.image_size)
-  probe, trunk, layers = build(config, model)
-  n_blocks = max(layers) + 1
-
+  backbone = config.get("backbone", "aim")
   rng = jax.random.key(config.seed)
-  dummy = jnp.zeros((2, model.image_size, model.image_size, 3))
   lora_vars = {}
-  if config.lora.rank > 0:
-    lora_vars = nn.unbox(jax.jit(trunk.init)(rng, dummy, jnp.ones((2,), jnp.int32))["lora"])
+  if backbone == "fourm":       # the 4M encoder on RGB pixels (fourm_jax.backbone)
+    if config.lora.rank > 0:
+      raise ValueError("config key 'lora.rank': LoRA adapters exist for AIM trunks only; "
+                       "probe a 4M backbone frozen (lora.rank=0)")
+    from fourm_jax import backbone as fourm_backbone
+    model, trunk_params = fourm_backbone.load(config.init_from,
+                                              step=config.get("init_step") or None)
+    if model.image_size != config.data.image_size:
+      raise ValueError(f"config key 'data.image_size' ({config.data.image_size}) must be the "
+                       f"4M model's {model.modality} resolution ({model.image_size})")
+    layers = _layers(config.layers, model.depth)
+    probe = MultiLayerProbe(config.probe, model.num_heads, config.num_classes,
+                            tuple(f"block_{l}" for l in layers))
+    trunk_blocks = lambda variables, images, n: model.features(variables["params"], images, n)
+  elif backbone == "aim":
+    model, trunk_params, _ = aimjax.load(config.init_from, image_size=config.data.image_size,
+                                         step=config.get("init_step") or None)
+    if model.image_size != config.data.image_size:
+      model = model.clone(image_size=config.data.image_size)
+    probe, trunk, layers = build(config, model)
+    trunk_blocks = lambda variables, images, n: trunk.apply(variables, images, n, config.causal,
+                                                            method=trunk.features)
+    if config.lora.rank > 0:
+      dummy = jnp.zeros((2, model.image_size, model.image_size, 3))
+      lora_vars = nn.unbox(jax.jit(trunk.init)(rng, dummy, jnp.ones((2,), jnp.int32))["lora"])
+  else:
+    raise ValueError(f"config key 'backbone' must be 'aim' or 'fourm', got {backbone!r}")
+  n_blocks = max(layers) + 1
   feats0 = [jnp.zeros((2, model.num_patches, model.width))] * len(layers)
   probe_vars = nn.unbox(jax.jit(probe.init)(jax.random.fold_in(rng, 1), feats0))
   trainable = {"probe": probe_vars["params"], "lora": lora_vars}
@@ -102,7 +123,7 @@ def train_probes(config, workdir: str) -> dict:
   def features(lora, images, train):
     variables = {"params": trunk_params, **({"lora": lora} if lora else {})}
     images = transforms.normalize_images(images)   # uint8 batches from the pipeline
-    blocks = trunk.apply(variables, images, n_blocks, config.causal, method=trunk.features)
+    blocks = trunk_blocks(variables, images, n_blocks)
     feats = tuple(blocks[l] for l in layers)
     return feats if lora else jax.lax.stop_gradient(feats)
 
@@ -159,7 +180,8 @@ def train_probes(config, workdir: str) -> dict:
   writer.flush()
   final = history[-1]
   best = max(final, key=final.get)
-  result = {"init_from": config.init_from, "probe": config.probe, "causal": bool(config.causal),
+  result = {"init_from": config.init_from, "backbone": backbone, "probe": config.probe,
+            "causal": bool(config.causal),
             "lora_rank": int(config.lora.rank), "top1": {str(l): a for l, a in final.items()},
             "best_block": best, "best_top1": final[best], "eval_examples": int(count),
             "history": [{str(l): a for l, a in h.items()} for h in history]}

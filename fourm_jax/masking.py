@@ -66,6 +66,43 @@ def one_to_all(source: str, names: Sequence[str], alpha: float, inputs_only: Seq
                   keep={source: "all"})
 
 
+def strategy(name: str, names: Sequence[str], *, input_alpha: float = 0.0,
+             target_alpha: float = 0.0, inputs: Mapping[str, float] | None = None,
+             targets: Mapping[str, float] | None = None, keep: Mapping[str, str] | None = None,
+             weight: float = 1.0, inputs_only: Sequence[str] = (),
+             targets_only: Sequence[str] = ()) -> Strategy:
+  """A strategy over `names` in the form of the official alphas tables: a default input and
+  target concentration, per-modality exceptions (`inputs`, `targets`), and keep schemes.
+  Modalities that cannot be targets (`inputs_only`) get target alpha 0, and ones that
+  cannot be inputs (`targets_only`) input alpha 0. Exceptions naming modalities not in
+  `names` are ignored, so one mixture serves datasets with fewer modalities."""
+  inputs, targets, keep = dict(inputs or {}), dict(targets or {}), dict(keep or {})
+  for what, table in (("inputs", inputs), ("targets", targets)):
+    bad = {k: v for k, v in table.items() if not v >= 0}
+    if bad:
+      raise ValueError(f"strategy {name!r}: {what} alphas must be >= 0, got {bad}")
+  for k, v in keep.items():
+    if v not in KEEP_SCHEMES:
+      raise ValueError(f"strategy {name!r}: keep[{k!r}] = {v!r}; known: {KEEP_SCHEMES}")
+  ins = {n: (0.0 if n in targets_only else float(inputs.get(n, input_alpha))) for n in names}
+  tgts = {n: (0.0 if n in inputs_only else float(targets.get(n, target_alpha))) for n in names}
+  return Strategy(name, ins, tgts, {k: v for k, v in keep.items() if k in names}, weight)
+
+
+def empty(m: Modality) -> dict:
+  """A modality a sample does not have (a dataset without it): nothing given, nothing
+  predicted, with the shapes the masking gives it (zeros; PAD for token ids)."""
+  n = 2 * (m.length + 1) if m.kind == "seq" else m.num_tokens
+  if m.kind == "pixels":
+    tensor = np.zeros((m.grid[0] * m.patch_size, m.grid[1] * m.patch_size, m.channels), np.uint8)
+  elif m.kind == "seq_emb":
+    tensor = np.zeros((n, m.emb_dim), np.float32)
+  else:
+    tensor = np.full(n, PAD_ID, np.int32)
+  return {"tensor": tensor, "input_mask": np.ones(n, bool), "target_mask": np.ones(n, bool),
+          "decoder_attention_mask": np.zeros(n, np.int32)}
+
+
 def split_budget(rng: np.random.Generator, alphas: np.ndarray, total: int,
                  max_tokens: np.ndarray) -> np.ndarray:
   """Dirichlet(alphas) x total, floored; the remainder one token at a time to the argmax of

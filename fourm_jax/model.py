@@ -74,6 +74,11 @@ class Attention(nn.Module):
   num_heads: int
   qk_norm: bool = False
   dtype: Any = jnp.float32
+  use_bias: bool = False
+
+  def _bias(self, name, shape, names):
+    return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
+                      jnp.float32).astype(self.dtype)
 
   @nn.compact
   def __call__(self, x, mask, context=None):
@@ -82,12 +87,19 @@ class Attention(nn.Module):
     x = x.astype(self.dtype)
     if context is None:
       w = _heads_param(self, "qkv", (d, 3, h, hd), ("embed", "qkv", "heads", "kv"), 0, (1, 2, 3))
-      q, k, v = jnp.einsum("btd,dshk->sbthk", x, w.astype(self.dtype))
+      qkv = jnp.einsum("btd,dshk->sbthk", x, w.astype(self.dtype))
+      if self.use_bias:
+        qkv = qkv + self._bias("qkv_bias", (3, 1, 1, h, hd), ("qkv", None, None, "heads", "kv"))
+      q, k, v = qkv
     else:
       wq = _heads_param(self, "q", (d, h, hd), ("embed", "heads", "kv"), 0, (1, 2))
       wkv = _heads_param(self, "kv", (d, 2, h, hd), ("embed", "qkv", "heads", "kv"), 0, (1, 2, 3))
       q = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
-      k, v = jnp.einsum("bsd,dchk->cbshk", context.astype(self.dtype), wkv.astype(self.dtype))
+      kv = jnp.einsum("bsd,dchk->cbshk", context.astype(self.dtype), wkv.astype(self.dtype))
+      if self.use_bias:
+        q = q + self._bias("q_bias", (h, hd), ("heads", "kv"))
+        kv = kv + self._bias("kv_bias", (2, 1, 1, h, hd), ("qkv", None, None, "heads", "kv"))
+      k, v = kv
     if self.qk_norm:
       q = _norm("q_norm", self.dtype)(q)
       k = _norm("k_norm", self.dtype)(k)
@@ -95,21 +107,24 @@ class Attention(nn.Module):
                                        "activation_heads", "activation_kv"))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     wo = _heads_param(self, "proj", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
-    return jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
+    out = jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
+    return out + self._bias("proj_bias", (d,), ("embed",)) if self.use_bias else out
 
 
 class SwiGLU(nn.Module):
-  """fc2(silu(fc1(x)) * fc3(x)), no biases; hidden int(2/3 * mlp_ratio * dim)."""
+  """fc2(silu(fc1(x)) * fc3(x)), no biases by default; hidden int(2/3 * mlp_ratio * dim)."""
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     hidden = int(2 * int(d * self.mlp_ratio) / 3)
     dense = lambda n, names, name: nn.Dense(
-        n, use_bias=False, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names))
+        n, use_bias=self.use_bias, dtype=self.dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
     g = dense(hidden, ("embed", "mlp"), "fc1")(x)
     u = dense(hidden, ("embed", "mlp"), "fc3")(x)
     h = nn.with_logical_constraint(nn.silu(g) * u, ("activation_batch", "activation_length",
@@ -117,17 +132,46 @@ class SwiGLU(nn.Module):
     return dense(d, ("mlp", "embed"), "fc2")(h)
 
 
+class GeluMLP(nn.Module):
+  """fc2(gelu(fc1(x))), hidden mlp_ratio * dim (the ablation reference's feed-forward)."""
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    dense = lambda n, names, name: nn.Dense(
+        n, use_bias=self.use_bias, dtype=self.dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+    h = nn.gelu(dense(int(d * self.mlp_ratio), ("embed", "mlp"), "fc1")(x), approximate=False)
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense(d, ("mlp", "embed"), "fc2")(h)
+
+
+def _ffn(kind: str, mlp_ratio: float, dtype, use_bias: bool, name: str) -> nn.Module:
+  if kind == "swiglu":
+    return SwiGLU(mlp_ratio, dtype, use_bias, name=name)
+  if kind == "gelu":
+    return GeluMLP(mlp_ratio, dtype, use_bias, name=name)
+  raise ValueError(f"unknown feed-forward {kind!r}; use 'swiglu' or 'gelu'")
+
+
 class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
   dtype: Any = jnp.float32
+  ffn: str = "swiglu"
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x, mask):
-    x = x + Attention(self.num_heads, self.qk_norm, self.dtype, name="attn")(
+    x = x + Attention(self.num_heads, self.qk_norm, self.dtype, self.use_bias, name="attn")(
         _norm("norm1", self.dtype)(x), mask)
-    x = x + SwiGLU(self.mlp_ratio, self.dtype, name="mlp")(_norm("norm2", self.dtype)(x))
+    x = x + _ffn(self.ffn, self.mlp_ratio, self.dtype, self.use_bias, "mlp")(
+        _norm("norm2", self.dtype)(x))
     return _constrain(x)
 
 
@@ -136,15 +180,28 @@ class DecoderBlock(nn.Module):
   mlp_ratio: float = 4.0
   qk_norm: bool = False
   dtype: Any = jnp.float32
+  ffn: str = "swiglu"
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, y, context, self_mask, cross_mask):
-    y = y + Attention(self.num_heads, self.qk_norm, self.dtype, name="self_attn")(
-        _norm("norm1", self.dtype)(y), self_mask)
-    y = y + Attention(self.num_heads, self.qk_norm, self.dtype, name="cross_attn")(
-        _norm("query_norm", self.dtype)(y), cross_mask, _norm("context_norm", self.dtype)(context))
-    y = y + SwiGLU(self.mlp_ratio, self.dtype, name="mlp")(_norm("norm2", self.dtype)(y))
+    attn = lambda name: Attention(self.num_heads, self.qk_norm, self.dtype, self.use_bias,
+                                  name=name)
+    y = y + attn("self_attn")(_norm("norm1", self.dtype)(y), self_mask)
+    y = y + attn("cross_attn")(_norm("query_norm", self.dtype)(y), cross_mask,
+                               _norm("context_norm", self.dtype)(context))
+    y = y + _ffn(self.ffn, self.mlp_ratio, self.dtype, self.use_bias, "mlp")(
+        _norm("norm2", self.dtype)(y))
     return _constrain(y)
+
+
+def patchify(images, p: int):
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], patches in raster order, pixels (row, col, c)."""
+  b, hh, ww, c = images.shape
+  if hh % p or ww % p:
+    raise ValueError(f"images of {hh}x{ww} do not split into {p}x{p} patches")
+  t = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return t.reshape(b, (hh // p) * (ww // p), p * p * c)
 
 
 def _remat(cls, remat: bool):
@@ -168,6 +225,8 @@ class FourM(nn.Module):
   tie_embeddings: bool = True     # decoder token embedding doubles as the output layer
   dtype: Any = jnp.float32
   remat: bool = False
+  ffn: str = "swiglu"             # 'swiglu' | 'gelu'
+  use_bias: bool = False          # biases in attention and feed-forward layers
 
   def setup(self):
     d = self.dim
@@ -208,13 +267,15 @@ class FourM(nn.Module):
     self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d))
     self.encoder = [_remat(EncoderBlock, self.remat)(self.num_heads, self.mlp_ratio, self.qk_norm,
-                                                     self.dtype, name=f"encoder_{i}")
+                                                     self.dtype, self.ffn, self.use_bias,
+                                                     name=f"encoder_{i}")
                     for i in range(self.encoder_depth)]
     self.encoder_norm = _norm("encoder_norm", self.dtype)
     self.decoder_proj_context = nn.Dense(d, name="decoder_proj_context", kernel_init=(
         nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "mlp"))))
     self.decoder = [_remat(DecoderBlock, self.remat)(self.num_heads, self.mlp_ratio, self.qk_norm,
-                                                     self.dtype, name=f"decoder_{i}")
+                                                     self.dtype, self.ffn, self.use_bias,
+                                                     name=f"decoder_{i}")
                     for i in range(self.decoder_depth)]
     self.decoder_norm = _norm("decoder_norm", self.dtype)
 
@@ -240,10 +301,7 @@ class FourM(nn.Module):
       t, mask = d["tensor"], d["input_mask"].astype(bool)
       b = t.shape[0]
       if m.kind == "pixels":
-        p = m.patch_size
-        _, hh, ww, c = t.shape
-        t = t.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = self.enc_embed[m.name](t.reshape(b, (hh // p) * (ww // p), p * p * c))
+        x = self.enc_embed[m.name](patchify(t, m.patch_size))
       elif m.kind == "seq_emb":
         x = self.enc_embed[m.name](t)
       else:
@@ -325,6 +383,28 @@ class FourM(nn.Module):
       h = blk(h, ctx, self_mask, cross_mask)
     return self.decoder_norm(h), ids, mods, valid
 
+  def encoder_features(self, images, modality: str, num_blocks: int | None = None):
+    """The encoder as a ViT backbone (4M Sec. 3): every patch of `images` (normalised float
+    [B, H, W, C]) of the pixel modality `modality` given, full attention.
+
+    Returns the first `num_blocks` (default all) block outputs, each [B, N, D] in raster
+    order; the last encoder block's output goes through encoder_norm (the encoder output).
+    """
+    m = {x.name: x for x in self.inputs}.get(modality)
+    if m is None or m.kind != "pixels":
+      raise ValueError(f"{modality!r} is not a pixel input of this model "
+                       f"(inputs: {[x.name for x in self.inputs]})")
+    x = self.enc_embed[modality](patchify(images, m.patch_size))
+    h = _constrain((x + self._grid_pos(m, x.shape[1]) + self.mod_emb[modality]).astype(self.dtype))
+    mask = jnp.ones((x.shape[0], 1, x.shape[1]), bool)
+    outs = []
+    for blk in self.encoder[:num_blocks or self.encoder_depth]:
+      h = blk(h, mask)
+      outs.append(h)
+    if len(outs) == self.encoder_depth:
+      outs[-1] = self.encoder_norm(outs[-1])
+    return outs
+
   def logits(self, y, modality: str):
     """Decoder outputs [B, M, D] -> logits [B, M, V] of `modality` (float32)."""
     if self.tie_embeddings:
@@ -380,7 +460,8 @@ def from_config(model_cfg) -> FourM:
                num_heads=model_cfg.get("num_heads", 0) or heads,
                qk_norm=model_cfg.get("qk_norm", False),
                tie_embeddings=model_cfg.get("tie_embeddings", True), dtype=dtype,
-               remat=model_cfg.get("remat", False))
+               remat=model_cfg.get("remat", False), ffn=model_cfg.get("ffn", "swiglu"),
+               use_bias=model_cfg.get("use_bias", False))
 
 
 def count_params(params, embeddings: bool = False) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from fourm_jax import masking, modalities, model as model_lib
 from pretrain_jax import cli, loop
-from pretrain_jax.data import multimodal, pipeline
+from pretrain_jax.data import multimodal, pipeline, transforms
 
 
 def registry(config) -> dict[str, modalities.Modality]:
@@ -40,6 +40,8 @@ def build_model(config) -> model_lib.FourM:
   if m.size not in model_lib.SIZES:
     raise ValueError(f"config key 'model.size': unknown {m.size!r}; known: "
                      f"{list(model_lib.SIZES)}")
+  if m.get("ffn", "swiglu") not in ("swiglu", "gelu"):
+    raise ValueError(f"config key 'model.ffn': unknown {m.ffn!r}; use 'swiglu' or 'gelu'")
   enc, dec, dim, heads = model_lib.SIZES[m.size]
   return model_lib.FourM(modalities.get(m.inputs, reg), modalities.get(m.targets, reg),
                          dim=m.get("dim", 0) or dim, encoder_depth=m.get("encoder_depth", 0) or enc,
@@ -47,38 +49,74 @@ def build_model(config) -> model_lib.FourM:
                          num_heads=m.get("num_heads", 0) or heads, qk_norm=m.qk_norm,
                          tie_embeddings=m.tie_embeddings,
                          dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-                         remat=m.remat)
+                         remat=m.remat, ffn=m.get("ffn", "swiglu"),
+                         use_bias=m.get("use_bias", False))
 
 
-def build_masker(config, model: model_lib.FourM) -> masking.UnifiedMasking:
-  """The strategy mixture of config.masking over the model's inputs and targets."""
+def _strategy(s, names, inputs_only, targets_only) -> masking.Strategy:
+  """One config.masking.strategies entry -> masking.Strategy over `names`."""
+  known = ("name", "weight", "input_alpha", "target_alpha", "inputs", "targets", "keep")
+  unknown = sorted(set(s) - set(known))
+  if unknown:
+    raise ValueError(f"masking strategy {s.get('name', '?')!r}: unknown keys {unknown}; "
+                     f"known: {known}")
+  return masking.strategy(s.get("name", ""), names, input_alpha=s.get("input_alpha", 0.0),
+                          target_alpha=s.get("target_alpha", 0.0),
+                          inputs=dict(s.get("inputs", {})), targets=dict(s.get("targets", {})),
+                          keep=dict(s.get("keep", {})), weight=s.get("weight", 1.0),
+                          inputs_only=inputs_only, targets_only=targets_only)
+
+
+def build_masker(config, model: model_lib.FourM, dataset: str | None = None
+                 ) -> masking.UnifiedMasking:
+  """The strategy mixture of one dataset (its own `strategies`, else config.masking's) over
+  the model's modalities that the dataset has (its `fields`)."""
   mods = {m.name: m for m in (*model.inputs, *model.targets)}
-  ins, tgts = [m.name for m in model.inputs], [m.name for m in model.targets]
-  strategies = []
-  for s in config.masking.strategies:
-    if s.kind == "all2all":
-      strategies.append(masking.Strategy(f"all2all_{s.alpha:g}", {n: s.alpha for n in ins},
-                                         {n: s.alpha for n in tgts}, weight=s.weight))
-    elif s.kind == "one2all":
-      if s.source not in ins:
-        raise ValueError(f"masking strategy one2all: source {s.source!r} is not an input of "
-                         f"the model ({ins})")
-      strategies.append(masking.Strategy(
-          f"{s.source}2all_{s.alpha:g}", {s.source: 1.0},
-          {n: s.alpha for n in tgts if n != s.source}, keep={s.source: "all"}, weight=s.weight))
-    else:
-      raise ValueError(f"unknown masking strategy kind {s.kind!r}; use all2all or one2all")
-  return masking.UnifiedMasking(tuple(mods.values()), strategies, config.masking.input_tokens,
-                                config.masking.target_tokens, dict(config.masking.chunks))
+  ins, tgts = {m.name for m in model.inputs}, {m.name for m in model.targets}
+  ds = datasets(config)[dataset or next(iter(datasets(config)))]
+  names = [n for n in mods if n in ds.fields]
+  if not names:
+    raise ValueError(f"dataset {dataset!r} has none of the model's modalities {list(mods)}")
+  specs = list(ds.get("strategies", ()) or config.masking.strategies)
+  strategies = [_strategy(s, names, [n for n in names if n not in tgts],
+                          [n for n in names if n not in ins]) for s in specs]
+  useful = [s for s in strategies if sum(s.input_alphas.values()) > 0 or
+            sum(s.target_alphas.values()) > 0]
+  if not useful:
+    raise ValueError(f"dataset {dataset!r}: no masking strategy selects any of its modalities "
+                     f"{names}")
+  return masking.UnifiedMasking(tuple(mods[n] for n in names), useful,
+                                config.masking.input_tokens, config.masking.target_tokens,
+                                dict(config.masking.chunks))
+
+
+def datasets(config) -> dict:
+  """config.data.datasets (name -> dataset config), checked."""
+  out = dict(config.data.datasets)
+  if not out:
+    raise ValueError("config key 'data.datasets' names no dataset")
+  for name, ds in out.items():
+    if not ds.get("weight", 1.0) > 0:
+      raise ValueError(f"config key 'data.datasets.{name}.weight' must be > 0, got {ds.weight}")
+    if not dict(ds.get("fields", {})):
+      raise ValueError(f"config key 'data.datasets.{name}.fields' maps no modality to a field")
+  return out
 
 
 class _Mask(grain.transforms.RandomMap):
-  def __init__(self, masker: masking.UnifiedMasking, fields: dict[str, str]):
-    self.masker, self.fields = masker, fields
+  """Record -> masked sample of every model modality (the dataset's own through its masker,
+  the others empty), with its dataset's index (`dataset`) and strategy (`strategy`)."""
+
+  def __init__(self, masker: masking.UnifiedMasking, fields: dict[str, str],
+               modalities: list, dataset_id: int):
+    self.masker, self.fields, self.dataset_id = masker, fields, dataset_id
+    self.absent = {m.name: masking.empty(m) for m in modalities if m.name not in fields}
 
   def random_map(self, element, rng: np.random.Generator):
-    sample = {m: element[f] for m, f in self.fields.items()}
+    sample = {m: element[f] for m, f in self.fields.items() if m in self.masker.names}
     out = self.masker(sample, rng)
+    out.update({k: {kk: vv.copy() for kk, vv in v.items()} for k, v in self.absent.items()})
+    out["dataset"] = np.int32(self.dataset_id)
     out["valid"] = np.float32(element.get("valid", 1.0))
     return out
 
@@ -101,19 +139,25 @@ def dummy_batch(model: model_lib.FourM, b: int = 1) -> dict:
   return batch
 
 
-def _records(config, pattern: str) -> grain.MapDataset:
-  fields = tuple(dict(config.data.fields).values())
-  return multimodal.dataset(pattern, fields=fields, skip_corrupt=config.data.skip_corrupt)
-
-
 def build_task(config) -> loop.Task:
   model = build_model(config)
-  masker = build_masker(config, model)
-  fields = dict(config.data.fields)
-  missing = sorted({m.name for m in (*model.inputs, *model.targets)} - set(fields))
+  mods = list({m.name: m for m in (*model.inputs, *model.targets)}.values())
+  all_ds = datasets(config)
+  names = list(all_ds)
+  maskers, fields = {}, {}
+  for name, ds in all_ds.items():
+    fields[name] = {m: f for m, f in dict(ds.fields).items()}
+    unknown = sorted(set(fields[name]) - {m.name for m in mods})
+    if unknown:
+      raise ValueError(f"config key 'data.datasets.{name}.fields' maps modalities {unknown} "
+                       f"that the model does not use ({[m.name for m in mods]})")
+    maskers[name] = build_masker(config, model, name)
+  covered = {m for f in fields.values() for m in f}
+  missing = sorted({m.name for m in mods} - covered)
   if missing:
-    raise ValueError(f"config key 'data.fields' has no record field for modalities {missing}")
+    raise ValueError(f"no dataset in 'data.datasets' has a record field for modalities {missing}")
   n_enc, n_dec = config.model.num_encoder_tokens, config.model.num_decoder_tokens
+  pixels = [m.name for m in mods if m.kind == "pixels"]
   dummy = jax.tree.map(jnp.asarray, dummy_batch(model))
 
   def init_params(rng):
@@ -121,31 +165,61 @@ def build_task(config) -> loop.Task:
 
   def loss_fn(params, batch, rng):
     del rng
+    batch = prepare(batch, pixels)
     total, per_mod = model_lib.loss(model, {"params": params}, batch, n_enc, n_dec,
                                     config.loss_type)
     metrics = {f"loss/{k}": v for k, v in per_mod.items()}
     metrics["data/invalid"] = jnp.sum(1.0 - batch["valid"])
+    if len(names) > 1:
+      for i, name in enumerate(names):
+        metrics[f"data/share_{name}"] = jnp.mean(batch["dataset"] == i)
     return total, metrics
 
-  def masked(pattern, seed):
-    return _records(config, pattern).random_map(_Mask(masker, fields), seed=seed)
+  def masked(k, name, pattern, seed, train):
+    ds = all_ds[name]
+    records = multimodal.dataset(pattern, fields=tuple(sorted(set(fields[name].values()))),
+                                 skip_corrupt=config.data.skip_corrupt)
+    if train:
+      records = pipeline.repeated(records.shuffle(seed=seed), ds.get("repeats", 1),
+                                  seed=seed + 1, window=config.data.repeat_window).repeat(None)
+    return records.random_map(_Mask(maskers[name], fields[name], mods, k), seed=seed + 2)
 
   def train_data(rows):
-    ds = masked(config.data.train, config.seed).shuffle(seed=config.seed).repeat(None)
+    for n in names:
+      if not all_ds[n].train:
+        raise ValueError(f"config key 'data.datasets.{n}.train' names no token shards")
+    parts = [(masked(k, n, all_ds[n].train, config.seed + 7919 * k, True), all_ds[n].weight)
+             for k, n in enumerate(names)]
+    ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix(
+        [d for d, _ in parts], [w for _, w in parts])
     ds = pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.threads,
                                                 prefetch_buffer_size=2))
 
   eval_data = None
-  if config.get("eval_every", 0) and config.data.get("eval"):
+  evals = [n for n in names if all_ds[n].get("eval")]
+  if config.get("eval_every", 0) and evals:
     def eval_data(rows):
-      ds = masked(config.data.eval, config.seed + 1)
-      n = min(len(ds), config.batch_size * config.data.eval_batches)
-      ds = pipeline.ProcessRows(ds[:n], config.batch_size, *rows)
-      return ds.batch(rows[1], drop_remainder=True)
+      out = []
+      for n in evals:     # each dataset's first eval_batches batches, masked with its strategies
+        ds = masked(names.index(n), n, all_ds[n].eval, config.seed + 1, False)
+        m = min(len(ds), config.batch_size * config.data.eval_batches)
+        ds = pipeline.ProcessRows(ds[:m], config.batch_size, *rows)
+        out.extend(ds.batch(rows[1], drop_remainder=True))
+      return out
 
   return loop.Task(init_params=init_params, loss_fn=loss_fn, train_data=train_data,
                    eval_data=eval_data, num_layers=model.encoder_depth + model.decoder_depth)
+
+
+def prepare(batch: dict, pixels) -> dict:
+  """On the device: uint8 pixel modalities -> ImageNet-normalised float32 (the rest as is)."""
+  out = dict(batch)
+  for name in pixels:
+    t = batch[name]["tensor"]
+    if t.dtype == jnp.uint8:
+      out[name] = {**batch[name], "tensor": transforms.normalize_images(t)}
+  return out
 
 
 def main(config, workdir):

@@ -9,11 +9,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def load_config(rel_path: str, arg: str = ""):
+def config_module(rel_path: str):
+  """A config file as a module (for its helper functions)."""
   spec = importlib.util.spec_from_file_location("cfg_" + rel_path.replace("/", "_")[:-3],
                                                 ROOT / rel_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config(rel_path: str, arg: str = ""):
+  module = config_module(rel_path)
   return module.get_config(arg) if arg else module.get_config()
 
 

@@ -118,3 +118,57 @@ def test_masked_samples_feed_the_model():
   for name, value in per_mod.items():
     if float(value) > 0:
       assert abs(float(value) - np.log(modalities.REGISTRY[name].vocab_size)) < 1.5, name
+
+
+def test_strategy_tables_follow_the_official_alphas_layout():
+  s = masking.strategy("cap", NAMES, input_alpha=0.05, target_alpha=0.5,
+                       inputs={"caption": 5.0, "t5_caption": 9.0}, targets={"caption": 0.0},
+                       keep={"caption": "all"}, inputs_only=["rgb@224"])
+  assert s.input_alphas == {"rgb@224": 0.05, "tok_rgb@224": 0.05, "tok_depth@224": 0.05,
+                            "caption": 5.0, "metadata": 0.05}     # t5_caption: not here
+  assert s.target_alphas["rgb@224"] == 0.0 and s.target_alphas["caption"] == 0.0
+  assert s.target_alphas["metadata"] == 0.5 and s.keep == {"caption": "all"}
+  with pytest.raises(ValueError, match="keep"):
+    masking.strategy("x", NAMES, keep={"caption": "some"})
+  with pytest.raises(ValueError, match="alphas must be >= 0"):
+    masking.strategy("x", NAMES, inputs={"caption": -1.0})
+  e = masking.empty(modalities.REGISTRY["caption"])
+  assert e["tensor"].shape == (2 * 257,) and e["input_mask"].all() and e["target_mask"].all()
+
+
+def test_repeated_sampling_reuses_each_record_with_fresh_masks():
+  import grain
+  from pretrain_jax.data import pipeline
+  rng = np.random.default_rng(0)
+  records = [_sample(rng) for _ in range(8)]
+  reads = []
+
+  class Source:
+    def __len__(self):
+      return len(records)
+
+    def __getitem__(self, i):
+      reads.append(i)
+      return records[i]
+
+  m = _masker(inputs=64, targets=64)
+
+  class Mask(grain.transforms.RandomMap):
+    def random_map(self, element, rng):
+      return {"src": int(np.flatnonzero([element is r for r in records])[0]), **m(element, rng)}
+
+  base = grain.MapDataset.source(Source()).shuffle(seed=1)
+  ds = pipeline.repeated(base, 4, seed=2, window=4).random_map(Mask(), seed=3)
+  epoch = [ds[i] for i in range(len(ds))]
+  assert len(epoch) == 32
+  assert sorted(np.bincount([e["src"] for e in epoch])) == [4] * 8    # each record 4 times
+  assert len(reads) == 8                                               # and read once
+  for r in range(8):
+    copies = [e for e in epoch if e["src"] == r]
+    masks = {b"".join(c[n][k].tobytes() for n in NAMES for k in ("input_mask", "target_mask"))
+             for c in copies}
+    assert len(masks) == 4                                             # with fresh masks
+  # the copies are spread: no batch of 4 consecutive samples is one record 4 times
+  assert all(len({e["src"] for e in epoch[i:i + 4]}) > 1 for i in range(0, 32, 4))
+  with pytest.raises(ValueError, match="repeats must be a positive int"):
+    pipeline.RepeatEach(base, 0)

@@ -151,3 +151,39 @@ def test_sequence_targets_are_causal():
     early, late = cap[pos[b, cap] < j], cap[pos[b, cap] >= j]
     np.testing.assert_array_equal(after["caption"][b, early], before["caption"][b, early])
     assert not np.allclose(after["caption"][b, late], before["caption"][b, late])
+
+
+def test_gelu_reference_model_with_biases_has_the_b_parameter_count():
+  """4M Table 14's reference model (GELU feed-forward, biases) is a B: within 3% of 198M."""
+  names = list(modalities.FOURM7)
+  cfg = ml_collections.ConfigDict({"size": "B", "inputs": names, "ffn": "gelu", "use_bias": True,
+                                   "targets": [n for n in names if n != "rgb@224"]})
+  model = model_lib.from_config(cfg)
+  params = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, 128, 128),
+                          _abstract_batch(modalities.get(names)))["params"]
+  params = nn.unbox(params)
+  assert "bias" in params["encoder_0"]["mlp"]["fc1"] and "qkv_bias" in params["encoder_0"]["attn"]
+  n = model_lib.count_params(params) / 1e6
+  assert abs(n - 198.5) / 198 < 0.03, n
+
+
+def test_encoder_features_are_the_encoder_output_when_every_patch_is_given():
+  mods = modalities.get(["rgb@224", "tok_depth@224"])
+  model = model_lib.FourM(mods, mods[1:], dim=32, encoder_depth=2, decoder_depth=1, num_heads=4)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 224, 224, 3)), jnp.float32)
+  batch = {"rgb@224": {"tensor": images, "input_mask": jnp.zeros((2, 196), bool),
+                       "target_mask": jnp.ones((2, 196), bool),
+                       "decoder_attention_mask": jnp.zeros((2, 196), jnp.int32)},
+           "tok_depth@224": {"tensor": jnp.zeros((2, 196), jnp.int32),
+                             "input_mask": jnp.ones((2, 196), bool),
+                             "target_mask": jnp.ones((2, 196), bool),
+                             "decoder_attention_mask": jnp.zeros((2, 196), jnp.int32)}}
+  variables = model.init(jax.random.key(0), batch, 196, 8)
+  context, _, valid = model.apply(variables, batch, 196, method=model.encode)
+  assert bool(valid.all())
+  feats = model.apply(variables, images, "rgb@224", method=model.encoder_features)
+  assert len(feats) == 2 and feats[0].shape == (2, 196, 32)
+  np.testing.assert_allclose(np.asarray(feats[-1]), np.asarray(context), atol=1e-5)
+  with pytest.raises(ValueError, match="not a pixel input"):
+    model.apply(variables, images, "tok_depth@224", method=model.encoder_features)

@@ -1,40 +1,131 @@
 """4M / 4M-21 pretraining (fourm_jax.train).
 
   python -m fourm_jax.train --config=configs/fourm/pretrain.py:variant=tiny --workdir=/tmp/4m \
-      --config.data.train='data/scenes_4m_tokens/*.array_record'
+      --config.data.datasets.scenes.train='data/scenes_4m_tokens/*.array_record'
 
-Variants: 'tiny' (scenes tokens: 4 x 4 grids of the tiny tokenizers and
-captions; trains in a minute on CPU), '4m7_B', '4m7_L', '4m7_XL' (4M Table 5:
-the 7 modalities, 128 input / 128 target tokens, batch 8192, AdamW 0.9/0.95,
-wd 0.05, lr 1e-4 per 256 (XL 2e-5), warmup 10B tokens of 500B, bf16).
+Variants:
+  tiny       scenes token shards (4 x 4 grids of the tiny tokenizers, 32 px RGB
+             pixels, captions); trains in a minute on CPU
+  4m7_B/L/XL 4M Table 5: the 7 modalities, 128 input / 128 target tokens, RGB->All
+             and All->All (alpha 0.5), batch 8192, AdamW 0.9/0.95, wd 0.05,
+             lr 1e-4 per 256 (XL 2e-5, clip 3.0), warmup 10B of 500B tokens,
+             repeated sampling 4, bf16
+  ref_B      4M Table 14, the ablation reference: B, GELU feed-forward (with
+             biases), All->All alpha 0.2, batch 4096, 100B tokens
+  4m21_B/L/XL 4M-21 Table 6: 21 modalities, 256 / 256 tokens, co-training on
+             cc12m (all modalities, 0.6), coyo (the 7 of 4M, 0.2) and c4 (text
+             only, 0.2) with the official mixture of masking strategies
+             (all->all alpha 0.01/0.1/1/10, RGB->all, caption- and T5-biased);
+             start from a 4M-7 run with --config.init_from=WORKDIR
+  sr_L       token super-resolution 14x14 -> 28x28 (4M App. A.1): inputs all 224
+             and 448 modalities, targets the 448 tokens, 64..1024 input and
+             1024 target tokens, 100B tokens; --config.init_from a 4M-7 L run
+
+Each dataset (config.data.datasets.NAME) has its token shards (`train`,
+`eval`), a sampling `weight`, `fields` (modality -> record field: the
+modalities it has), `repeats` (repeated sampling) and optionally its own
+masking `strategies` (default: config.masking.strategies). A strategy is
+a table of Dirichlet concentrations: `input_alpha` / `target_alpha` for
+every modality, `inputs` / `targets` for exceptions, `keep` for the span
+masking of sequences ('random', 'all', 'binary').
 """
 import ml_collections
 
-FOURM7_INPUTS = ("rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224",
-                 "tok_clip@224", "caption", "det")
-FOURM7_TARGETS = FOURM7_INPUTS[1:]
-VARIANTS = ("tiny", "4m7_B", "4m7_L", "4m7_XL")
+FOURM7 = ("rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224",
+          "tok_clip@224", "caption", "det")
+FOURM21 = FOURM7 + ("t5_caption", "metadata", "human_poses", "color_palette", "sam_instance",
+                    "tok_canny_edge@224", "tok_sam_edge@224", "tok_dinov2@224",
+                    "tok_imagebind@224", "tok_dinov2_global", "tok_imagebind_global")
+SR = ("rgb@448", "tok_rgb@448", "tok_depth@448", "tok_normal@448", "tok_semseg@448",
+      "tok_clip@448")
+# modality -> record field of tokenizers_jax.tokenize's token shards
+FIELDS = {"rgb@224": "image", "tok_rgb@224": "tok_rgb", "tok_depth@224": "tok_depth",
+          "tok_normal@224": "tok_normals", "tok_semseg@224": "tok_semantic",
+          "tok_clip@224": "tok_clip", "caption": "caption", "det": "det",
+          "t5_caption": "t5_caption", "metadata": "metadata", "human_poses": "human_poses",
+          "color_palette": "color_palette", "sam_instance": "sam_instance",
+          "tok_canny_edge@224": "tok_edges", "tok_sam_edge@224": "tok_sam_edges",
+          "tok_dinov2@224": "tok_dinov2", "tok_imagebind@224": "tok_imagebind",
+          "tok_dinov2_global": "tok_dinov2_global",
+          "tok_imagebind_global": "tok_imagebind_global",
+          "rgb@448": "image_448", "tok_rgb@448": "tok_rgb_448", "tok_depth@448": "tok_depth_448",
+          "tok_normal@448": "tok_normals_448", "tok_semseg@448": "tok_semantic_448",
+          "tok_clip@448": "tok_clip_448"}
+VARIANTS = ("tiny", "4m7_B", "4m7_L", "4m7_XL", "ref_B", "4m21_B", "4m21_L", "4m21_XL", "sr_L")
+
+
+def strategy(name, weight=1.0, input_alpha=0.0, target_alpha=0.0, inputs=None, targets=None,
+             keep=None) -> ml_collections.ConfigDict:
+  """One masking strategy (fourm_jax.masking.strategy's arguments)."""
+  return ml_collections.ConfigDict({
+      "name": name, "weight": float(weight), "input_alpha": float(input_alpha),
+      "target_alpha": float(target_alpha), "inputs": dict(inputs or {}),
+      "targets": dict(targets or {}), "keep": dict(keep or {})})
+
+
+def all2all(alpha, weight=1.0, keep=None):
+  return strategy(f"all2all_{alpha:g}", weight, alpha, alpha, keep=keep)
+
+
+def one2all(source, alpha, weight=1.0, source_alpha=1.0, keep=None):
+  """Only `source` (whole, for a sequence) as input; every other modality as target."""
+  return strategy(f"{source}2all_{alpha:g}", weight, 0.0, alpha, {source: source_alpha},
+                  {source: 0.0}, {source: "all", **(keep or {})})
+
+
+def dataset(train="", fields=None, weight=1.0, repeats=1, strategies=(), eval_=""):
+  return ml_collections.ConfigDict({"train": train, "eval": eval_, "weight": float(weight),
+                                    "repeats": repeats, "fields": dict(fields or {}),
+                                    "strategies": list(strategies)})
+
+
+def _mixture_4m21():
+  """The official 4M-21 alphas mixture (all2all x4, RGB->all, caption- and T5-biased)."""
+  palette = {"color_palette": "binary"}
+  out = [all2all(a, keep=palette) for a in (0.01, 0.1, 1.0, 10.0)]
+  out.append(one2all("rgb@224", 0.5, source_alpha=1000.0, keep=palette))
+  out.append(strategy("caption_biased", 0.5, 0.05, 0.5, {"caption": 5.0, "t5_caption": 0.0},
+                      {"caption": 0.0}, {"caption": "all", **palette}))
+  out.append(strategy("t5_biased", 0.5, 0.05, 0.5, {"t5_caption": 5.0, "caption": 0.0},
+                      {}, {"t5_caption": "all", **palette}))
+  return out
+
+
+def _mixture_sr():
+  """The official super-resolution mixture: tok_rgb- and caption-biased, alpha 0.2 and 1."""
+  lo = {n: 0.0 for n in FOURM7 if n != "rgb@224"}
+  return [
+      strategy("tok_rgb_biased", 1.0, 0.05, 0.05, {"tok_rgb@224": 5.0, "tok_rgb@448": 5.0},
+               {**lo, "tok_rgb@448": 5.0}),
+      strategy("caption_biased", 1.0, 0.05, 1.0, {"caption": 5.0}, lo, {"caption": "all"}),
+      strategy("all_0.2", 1.0, 0.2, 1.0, targets=lo),
+      strategy("all_1", 1.0, 1.0, 1.0, targets=lo),
+  ]
 
 
 def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   variant = (arg or "variant=tiny").split("=")[-1]
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-  tiny = variant == "tiny"
-  size = "tiny" if tiny else variant.split("_")[1]
+  family, size = ("tiny", "tiny") if variant == "tiny" else variant.split("_")
+  tiny = family == "tiny"
 
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  c.batch_size = 32 if tiny else 8192
-  # 500B tokens of 256 (128 in + 128 out) per sample
-  c.total_steps = 300 if tiny else 500_000_000_000 // (256 * 8192)
+  c.batch_size = {"tiny": 32, "ref": 4096, "sr": 4096}.get(family, 8192)
+  budget_in, budget_out = {"tiny": (24, 24), "4m21": (256, 256), "sr": ((64, 1024), 1024)}.get(
+      family, (128, 128))
+  tokens_per_sample = {"4m21": 512, "sr": 2048}.get(family, 256)
+  total_tokens = {"ref": 100e9, "sr": 100e9}.get(family, 500e9)
+  c.total_steps = 300 if tiny else int(total_tokens // (tokens_per_sample * c.batch_size))
   c.log_every = 25 if tiny else 100
   c.checkpoint_every = 300 if tiny else 5000
   c.keep_checkpoints = 2
   c.async_checkpoint = True
   c.eval_every = 300 if tiny else 5000
   c.loss_type = "mod"                  # 'mod': per modality then mean; 'token'
+  c.init_from = ""                     # a workdir whose params start this run (matching names)
 
   c.mesh = ml_collections.ConfigDict(
       {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
@@ -45,61 +136,82 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.model.encoder_depth = 0
   c.model.decoder_depth = 0
   c.model.num_heads = 0
+  c.model.ffn = "gelu" if family == "ref" else "swiglu"     # 'swiglu' | 'gelu' (4M Table 26)
+  c.model.use_bias = family == "ref"   # biases in attention and feed-forward layers
   c.model.qk_norm = False
   c.model.tie_embeddings = True
   c.model.dtype = "float32" if tiny else "bfloat16"
   c.model.remat = not tiny
   if tiny:
-    c.model.inputs = ("tok_rgb@32", "tok_depth@32", "caption")
-    c.model.targets = ("tok_rgb@32", "tok_depth@32", "caption")
-    c.model.num_encoder_tokens = 24
-    c.model.num_decoder_tokens = 24
+    mods = ("rgb@32", "tok_rgb@32", "tok_depth@32", "caption")
+    c.model.inputs, c.model.targets = mods, mods[1:]
+  elif family == "4m21":
+    c.model.inputs = FOURM21
+    c.model.targets = tuple(n for n in FOURM21 if n not in ("rgb@224", "t5_caption"))
+  elif family == "sr":
+    c.model.inputs = FOURM7 + SR
+    c.model.targets = SR[1:]
   else:
-    c.model.inputs = FOURM7_INPUTS
-    c.model.targets = FOURM7_TARGETS
-    c.model.num_encoder_tokens = 128
-    c.model.num_decoder_tokens = 128
+    c.model.inputs, c.model.targets = FOURM7, FOURM7[1:]
+  c.model.num_encoder_tokens = budget_in if isinstance(budget_in, int) else budget_in[1]
+  c.model.num_decoder_tokens = budget_out
 
   # rows added to the registry: the tiny scenes tokenizers (32 px, patch 8, 256 codes)
   c.modalities = ml_collections.ConfigDict()
   if tiny:
+    c.modalities["rgb@32"] = {"kind": "pixels", "grid": (4, 4), "patch_size": 8,
+                              "target": False}
     for name in ("tok_rgb@32", "tok_depth@32"):
       c.modalities[name] = {"kind": "image", "vocab_size": 256, "grid": (4, 4)}
     c.modalities.caption = {"kind": "seq", "vocab_size": 4500, "length": 32}
 
   c.masking = ml_collections.ConfigDict()
-  c.masking.input_tokens = 24 if tiny else 128
-  c.masking.target_tokens = 24 if tiny else 128
-  c.masking.strategies = [   # 4M-7's final mixture: all->all and rgb->all, alpha 0.5
-      ml_collections.ConfigDict({"kind": "all2all", "alpha": 0.5, "weight": 1.0,
-                                 "source": ""}),
-      ml_collections.ConfigDict({"kind": "one2all", "alpha": 0.5, "weight": 1.0,
-                                 "source": "tok_rgb@32" if tiny else "rgb@224"}),
-  ]
-  c.masking.chunks = ml_collections.ConfigDict()      # e.g. {"metadata": 2}
+  c.masking.input_tokens = budget_in   # an int, or an inclusive (low, high) range per sample
+  c.masking.target_tokens = budget_out
+  if family == "ref":
+    c.masking.strategies = [all2all(0.2)]
+  elif family == "4m21":
+    c.masking.strategies = _mixture_4m21()
+  elif family == "sr":
+    c.masking.strategies = _mixture_sr()
+  else:                                # 4M-7's final mixture: all->all and rgb->all, alpha 0.5
+    c.masking.strategies = [all2all(0.5), one2all("rgb@32" if tiny else "rgb@224", 0.5)]
+  c.masking.chunks = ml_collections.ConfigDict({"metadata": 2} if family == "4m21" else {})
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""                    # token shards (glob), from tokenizers_jax.tokenize
-  c.data.eval = ""
   c.data.eval_batches = 2
   c.data.skip_corrupt = False
   c.data.threads = 2 if tiny else 16
-  c.data.fields = ml_collections.ConfigDict(
-      {"tok_rgb@32": "tok_rgb", "tok_depth@32": "tok_depth", "caption": "caption"} if tiny else
-      {"rgb@224": "image", "tok_rgb@224": "tok_rgb", "tok_depth@224": "tok_depth",
-       "tok_normal@224": "tok_normals", "tok_semseg@224": "tok_semantic",
-       "tok_clip@224": "tok_clip", "caption": "caption", "det": "det"})
+  c.data.repeat_window = 256           # records whose repeated copies are shuffled together
+  repeats = 1 if tiny else 4
+  if tiny:
+    c.data.datasets = ml_collections.ConfigDict({"scenes": dataset(fields={
+        "rgb@32": "image", "tok_rgb@32": "tok_rgb", "tok_depth@32": "tok_depth",
+        "caption": "caption"})})
+  elif family == "4m21":
+    c.data.datasets = ml_collections.ConfigDict({
+        "cc12m": dataset(fields={n: FIELDS[n] for n in FOURM21}, weight=0.6, repeats=repeats),
+        "coyo": dataset(fields={n: FIELDS[n] for n in FOURM7}, weight=0.2, repeats=1),
+        # text only: span masking of the caption alone (language modelling)
+        "c4": dataset(fields={"caption": "caption"}, weight=0.2, strategies=[all2all(1.0)]),
+    })
+  else:
+    mods = FOURM7 + SR if family == "sr" else FOURM7
+    c.data.datasets = ml_collections.ConfigDict({
+        "cc12m": dataset(fields={n: FIELDS[n] for n in mods}, repeats=repeats)})
 
   c.optimizer = ml_collections.ConfigDict()
   base_lr = 2e-5 if size == "XL" else 1e-4
   c.optimizer.lr = 2e-3 if tiny else base_lr * c.batch_size / 256
-  c.optimizer.warmup_steps = 20 if tiny else 10_000_000_000 // (256 * 8192)
+  warmup_tokens = 5e9 if family == "sr" else 10e9
+  c.optimizer.warmup_steps = 20 if tiny else int(warmup_tokens // (tokens_per_sample *
+                                                                   c.batch_size))
   c.optimizer.end_lr = 0.0
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.05
-  c.optimizer.clip_norm = 3.0 if size == "XL" else 1.0
+  c.optimizer.clip_norm = 3.0 if size == "XL" or family == "sr" else (1.0 if tiny else 0.0)
   c.optimizer.layer_decay = 1.0
   c.optimizer.no_decay = ()
 
