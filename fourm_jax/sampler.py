@@ -1,0 +1,231 @@
+"""Compiled, batched any-to-any decoding with 4M (4M App. A.3; 4M-21 Sec. 3.1).
+
+  sampler = Sampler(model, params)
+  state = sampler.init_state(batch_size, {"tok_rgb@224": {"tensor": rgb_tokens}})
+  steps = schedules.chained(["tok_depth@224"], [196], ["maskgit"], [8], temperatures=[0.5])
+  state = sampler.generate(state, steps, jax.random.key(0))
+  depth_tokens = state["tok_depth@224"]["tensor"]
+
+The state holds every modality of the model: `tensor` (token ids, or pixels
+for a pixel input) and `input_mask` (True where the token is not known).
+Known tokens are the conditioning: any subset of any modality, and the
+already decoded tokens of the target. A target given in part is
+in-painted: its given tokens never change, the others are generated.
+
+Each decoding step is one jitted function of fixed shapes: the number of
+tokens to decode, the temperature, top-k, top-p and guidance weights are
+traced values, so a schedule of any length reuses one compilation per
+(target, scheme, guidance groups); `Sampler.traces` counts compilations.
+
+MaskGIT samples every unknown token and keeps the `n` most confident
+(probability of the sampled token); ROAR samples `n` random unknown
+positions. Guidance runs the conditional and unconditional inputs as one
+batched forward pass: logits = uncond + sum_i w_i (cond_i - uncond), where
+uncond gives the model only the target's known tokens and cond_i adds the
+modalities of condition group i (classifier-free guidance is one group of
+every conditioning modality; multimodal weighted guidance one group per
+condition, weights may be negative).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fourm_jax import model as model_lib
+from fourm_jax import schedules
+
+State = dict[str, dict[str, jax.Array]]
+
+
+def filter_logits(logits, top_k, top_p):
+  """Top-k (k > 0) then nucleus (0 < p < 1) filtering of [..., V] logits with traced k and p:
+  filtered-out entries become -inf; the most likely token always stays."""
+  v = logits.shape[-1]
+  srt = jnp.sort(logits, axis=-1)[..., ::-1]
+  k = jnp.clip(jnp.asarray(top_k, jnp.int32), 0, v)
+  kth = jnp.take(srt, jnp.maximum(k - 1, 0), axis=-1)[..., None]
+  logits = jnp.where((k > 0) & (logits < kth), -jnp.inf, logits)
+  srt = jnp.where((k > 0) & (srt < kth), -jnp.inf, srt)
+  probs = jax.nn.softmax(srt, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs        # mass of the more likely tokens
+  kept = jnp.sum(before < top_p, axis=-1, keepdims=True)
+  cut = jnp.take_along_axis(srt, jnp.maximum(kept - 1, 0), axis=-1)
+  use_p = (top_p > 0) & (top_p < 1)
+  return jnp.where(use_p & (logits < cut), -jnp.inf, logits)
+
+
+def guide(logits, weights):
+  """[K + 1, ...] logits (K conditions, then the unconditional) -> uncond + sum_i w_i
+  (cond_i - uncond)."""
+  uncond = logits[-1]
+  w = jnp.asarray(weights, logits.dtype).reshape((-1,) + (1,) * (logits.ndim - 1))
+  return uncond + jnp.sum(w * (logits[:-1] - uncond[None]), axis=0)
+
+
+class Sampler:
+  """Decoding with a 4M model (fourm_jax.model.FourM) and its params."""
+
+  def __init__(self, model: model_lib.FourM, params, num_encoder_tokens: int | None = None):
+    self.model, self.params = model, params
+    self.modalities = {m.name: m for m in (*model.inputs, *model.targets)}
+    self.input_names = [m.name for m in model.inputs]
+    self.num_encoder_tokens = num_encoder_tokens or sum(
+        self._length(m) for m in model.inputs)
+    self.traces = 0
+    self._steps = {}
+
+  # ---- state ----------------------------------------------------------------------------------
+  @staticmethod
+  def _length(m) -> int:
+    return 2 * (m.length + 1) if m.kind == "seq" else m.num_tokens
+
+  def init_state(self, batch_size: int, given: Mapping[str, Mapping[str, np.ndarray]]) -> State:
+    """Every modality of the model, empty unless `given` ({name: {"tensor", optional
+    "input_mask"}}; without a mask every token of the tensor is known). Sequences are given
+    as ids from slot 0 (PAD after them is not known)."""
+    unknown = sorted(set(given) - set(self.modalities))
+    if unknown:
+      raise ValueError(f"modalities {unknown} are not in the model ({sorted(self.modalities)})")
+    state = {}
+    for name, m in self.modalities.items():
+      n = self._length(m)
+      if m.kind == "pixels":
+        shape = (batch_size, m.grid[0] * m.patch_size, m.grid[1] * m.patch_size, m.channels)
+        dtype = np.float32
+      elif m.kind == "seq_emb":
+        shape, dtype = (batch_size, n, m.emb_dim), np.float32
+      else:
+        shape, dtype = (batch_size, n), np.int32
+      g = given.get(name)
+      if g is None:
+        state[name] = {"tensor": np.zeros(shape, dtype), "input_mask": np.ones((batch_size, n),
+                                                                                bool)}
+        continue
+      t = np.asarray(g["tensor"], dtype)
+      if m.kind in ("image", "global"):
+        t = t.reshape(batch_size, n)
+      if m.kind in ("seq", "seq_emb") and t.shape[1] < n:     # pad sequences to their slots
+        pad = [(0, 0), (0, n - t.shape[1])] + [(0, 0)] * (t.ndim - 2)
+        mask = np.pad(np.zeros(t.shape[:2], bool), pad[:2], constant_values=True)
+        t = np.pad(t, pad)
+      else:
+        mask = np.zeros((batch_size, n), bool)
+      if t.shape != shape:
+        raise ValueError(f"{name}: tensor of shape {t.shape}, expected {shape}")
+      if "input_mask" in g:
+        mask = np.asarray(g["input_mask"], bool).reshape(batch_size, n)
+      state[name] = {"tensor": t, "input_mask": mask}
+    return jax.tree.map(jnp.asarray, state)
+
+  # ---- one forward ----------------------------------------------------------------------------
+  def _batch(self, state: State, target: str, given: Sequence[str]) -> dict:
+    """The model's batch: `given` modalities as inputs where known, the target's known tokens
+    as inputs and its unknown ones as decoder targets."""
+    unknown = state[target]["input_mask"]
+    batch = {}
+    for name, m in self.modalities.items():
+      b, n = state[name]["input_mask"].shape
+      visible = name == target or name in given
+      in_mask = state[name]["input_mask"] if visible else jnp.ones((b, n), bool)
+      tgt_mask = ~unknown if name == target else jnp.ones((b, n), bool)
+      att = jnp.zeros((b, n), jnp.int32)
+      if name == target:
+        first = jnp.argmax(unknown, axis=1)
+        att = att.at[jnp.arange(b), first].set(jnp.sum(unknown, axis=1).astype(jnp.int32))
+      batch[name] = {"tensor": state[name]["tensor"], "input_mask": in_mask,
+                     "target_mask": tgt_mask, "decoder_attention_mask": att}
+    return batch
+
+  def target_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
+                    weights=None):
+    """Logits [B, N, V] of every position of an image-like `target` (float32).
+
+    groups: condition groups (each a tuple of modality names given in it). With weights
+    (one per group) the result is the guided combination with the unconditional pass
+    (groups + one empty group, in one batched forward); without, groups must be one group
+    and the result its conditional logits.
+    """
+    m = self.modalities[target]
+    if m.kind not in ("image", "global"):
+      raise ValueError(f"{target} is a {m.kind} modality; MaskGIT/ROAR decode image-like "
+                       "tokens (use the autoregressive scheme for sequences)")
+    variants = list(groups) + ([()] if weights is not None else [])
+    batches = [self._batch(state, target, g) for g in variants]
+    batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
+    n = m.num_tokens
+    variables = {"params": params}
+    y, _, _, _ = self.model.apply(variables, batch, self.num_encoder_tokens, n)
+    slot_logits = self.model.apply(variables, y, target, method=self.model.logits)
+    unknown = jnp.concatenate([state[target]["input_mask"]] * len(variants), 0)
+    pos_of_slot = jnp.argsort(~unknown, axis=1, stable=True)   # unknown positions first, in order
+    inv = jnp.argsort(pos_of_slot, axis=1)
+    logits = jnp.take_along_axis(slot_logits, inv[..., None], axis=1)
+    logits = logits.reshape(len(variants), -1, *logits.shape[1:])
+    return logits[0] if weights is None else guide(logits, weights)
+
+  # ---- one decoding step ----------------------------------------------------------------------
+  def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool):
+    key = (target, scheme, groups, guided)
+    if key not in self._steps:
+      def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
+        self.traces += 1          # runs once per compilation
+        logits = self.target_logits(params, state, target, groups, weights if guided else None)
+        logits = filter_logits(logits, top_k, top_p)
+        greedy = temperature <= 1e-6
+        scaled = logits / jnp.where(greedy, 1.0, temperature)
+        r_sample, r_pos = jax.random.split(rng)
+        sampled = jnp.where(greedy, jnp.argmax(logits, -1),
+                            jax.random.categorical(r_sample, scaled, axis=-1))
+        probs = jax.nn.softmax(scaled, axis=-1)
+        conf = jnp.take_along_axis(probs, sampled[..., None], -1)[..., 0]
+        unknown = state[target]["input_mask"]
+        if scheme == "roar":
+          conf = jax.random.uniform(r_pos, conf.shape)
+        score = jnp.where(unknown, conf, -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1)
+        chosen = unknown & (rank < n_select)
+        new = {**state, target: {
+            "tensor": jnp.where(chosen, sampled.astype(state[target]["tensor"].dtype),
+                                state[target]["tensor"]),
+            "input_mask": unknown & ~chosen}}
+        return new
+      self._steps[key] = jax.jit(step)
+    return self._steps[key]
+
+  def generate(self, state: State, schedule: Sequence[schedules.Step], rng: jax.Array,
+               conditions: Sequence[Sequence[str]] | None = None,
+               weights: Sequence[float] | None = None) -> State:
+    """Runs `schedule` on `state`; returns the new state (decoded tokens known).
+
+    conditions / weights: multimodal weighted guidance (one group of modality names per
+    weight); by default each step's `guidance` scale applies to one group of every modality
+    known when the target's decoding starts (classifier-free guidance when != 1).
+    """
+    if conditions is not None and (weights is None or len(weights) != len(conditions)):
+      raise ValueError("give one weight per condition group")
+    current, groups, guided = None, None, False
+    for i, step in enumerate(schedule):
+      if step.scheme == "autoregressive":
+        raise NotImplementedError("autoregressive decoding of sequences is not built yet")
+      if step.target not in [m.name for m in self.model.targets]:
+        raise ValueError(f"{step.target!r} is not a target of the model")
+      if step.target != current:
+        current = step.target
+        known = [n for n in self.input_names if n != current and
+                 not bool(np.all(np.asarray(state[n]["input_mask"])))]
+        if conditions is not None:
+          groups, guided = tuple(tuple(g) for g in conditions), True
+          w = np.asarray(weights, np.float32)
+        else:
+          groups = (tuple(known),)
+          guided = any(s.guidance != 1.0 for s in schedule if s.target == current)
+      if conditions is None:
+        w = np.array([step.guidance], np.float32)
+      fn = self._step_fn(current, step.scheme, groups, guided)
+      state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
+                 jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),
+                 jnp.asarray(w))
+    return state

@@ -1,0 +1,145 @@
+"""4M generation (fourm_jax.schedules, fourm_jax.sampler) on a small random-weight model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fourm_jax import model as model_lib
+from fourm_jax import modalities, sampler as sampler_lib, schedules
+
+RGB, DEPTH = "tok_rgb@32", "tok_depth@32"
+REG = {RGB: modalities.Modality(RGB, "image", vocab_size=64, grid=(4, 4)),
+       DEPTH: modalities.Modality(DEPTH, "image", vocab_size=64, grid=(4, 4)),
+       "caption": modalities.Modality("caption", "seq", vocab_size=300, length=12)}
+
+
+@pytest.fixture(scope="module")
+def sampler():
+  mods = modalities.get([RGB, DEPTH, "caption"], REG)
+  model = model_lib.FourM(mods, mods, dim=32, encoder_depth=1, decoder_depth=1, num_heads=4)
+  s = sampler_lib.Sampler(model, None)
+  state = s.init_state(2, {})
+  batch = s._batch(state, DEPTH, ())
+  params = jax.jit(lambda r: model.init(r, batch, s.num_encoder_tokens, 16))(
+      jax.random.key(0))["params"]
+  s.params = params
+  return s
+
+
+def _rgb(b=2, seed=0):
+  return np.random.default_rng(seed).integers(0, 64, (b, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("steps,total", [(1, 16), (8, 196), (25, 196), (30, 16), (12, 784)])
+def test_token_schedules_sum_to_the_token_count(kind, steps, total):
+  toks = schedules.token_schedule(kind, steps, total)
+  assert toks.sum() == total and (toks > 0).all() and len(toks) <= min(steps, total)
+  if kind == "linear":
+    assert len(toks) == min(steps, total)
+  if kind == "cosine" and steps > 2 and total > 100:
+    assert toks[0] < toks[len(toks) // 2]          # few tokens first, as MaskGIT
+  temps = schedules.temperature_schedule("linear", 2.0, toks)
+  assert temps[0] == 2.0 and (np.diff(temps) <= 0).all()
+  assert len(schedules.temperature_schedule("onex:0.5:0.5", 3.0, toks)) == len(toks)
+
+
+def test_chained_schedules_decode_each_target_fully_in_turn():
+  steps = schedules.chained([RGB, DEPTH], [16, 16], ["maskgit", "roar"], [4, 16],
+                            token_schedules=["cosine", "linear"], temperatures=[1.0, 0.5],
+                            guidance=[1.0, 3.0])
+  assert [s.target for s in steps] == [RGB] * 4 + [DEPTH] * 16
+  assert sum(s.num_tokens for s in steps if s.target == RGB) == 16
+  assert all(s.guidance == 3.0 and s.scheme == "roar" for s in steps[4:])
+  with pytest.raises(ValueError, match="unknown decoding scheme"):
+    schedules.Step(RGB, "beam", 4)
+
+
+def test_maskgit_at_temperature_zero_is_deterministic_and_fills_every_position(sampler):
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  steps = schedules.chained([DEPTH], [16], ["maskgit"], [5], temperatures=[0.0])
+  a = sampler.generate(state, steps, jax.random.key(1))
+  b = sampler.generate(state, steps, jax.random.key(2))
+  assert not bool(a[DEPTH]["input_mask"].any())                  # every position decoded
+  np.testing.assert_array_equal(a[DEPTH]["tensor"], b[DEPTH]["tensor"])
+  np.testing.assert_array_equal(a[RGB]["tensor"], state[RGB]["tensor"])
+  # one step at temperature 0 decoding everything is the argmax of the logits
+  full = sampler.generate(state, [schedules.Step(DEPTH, "maskgit", 16, 0.0)], jax.random.key(3))
+  logits = sampler.target_logits(sampler.params, state, DEPTH, ((RGB,),))
+  np.testing.assert_array_equal(full[DEPTH]["tensor"], np.argmax(logits, -1))
+
+
+def test_roar_and_sampling_decode_exactly_the_scheduled_number_of_tokens(sampler):
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  for step in (schedules.Step(DEPTH, "roar", 5, 1.0), schedules.Step(DEPTH, "maskgit", 5, 1.0,
+                                                                       top_k=3, top_p=0.9)):
+    out = sampler.generate(state, [step], jax.random.key(4))
+    assert (np.asarray(~out[DEPTH]["input_mask"]).sum(1) == 5).all()
+
+
+def test_in_painting_never_changes_the_given_tokens(sampler):
+  rng = np.random.default_rng(5)
+  depth = rng.integers(0, 64, (2, 16))
+  known = rng.random((2, 16)) < 0.5
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()},
+                                 DEPTH: {"tensor": depth, "input_mask": ~known}})
+  steps = schedules.chained([DEPTH], [int((~known).sum(1).max())], ["maskgit"], [3])
+  out = sampler.generate(state, steps, jax.random.key(6))
+  got = np.asarray(out[DEPTH]["tensor"])
+  np.testing.assert_array_equal(got[known], depth[known])
+  assert not bool(out[DEPTH]["input_mask"].any())
+
+
+def test_guidance_weight_one_is_conditional_and_zero_unconditional(sampler):
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  params = sampler.params
+  cond = sampler.target_logits(params, state, DEPTH, ((RGB,),))
+  uncond = sampler.target_logits(params, state, DEPTH, ((),))
+  assert not np.allclose(cond, uncond)
+  for w, want in ((1.0, cond), (0.0, uncond)):
+    got = sampler.target_logits(params, state, DEPTH, ((RGB,),), jnp.array([w]))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  # multimodal guidance: weights (1, 0) select the first condition alone
+  cap = np.array([[5, 17, 3]] * 2)
+  state2 = sampler.init_state(2, {RGB: {"tensor": _rgb()}, "caption": {"tensor": cap}})
+  only_rgb = sampler.target_logits(params, state2, DEPTH, ((RGB,),))
+  got = sampler.target_logits(params, state2, DEPTH, ((RGB,), ("caption",)), jnp.array([1., 0.]))
+  np.testing.assert_allclose(got, only_rgb, atol=1e-5)
+
+
+def test_a_negative_weight_moves_probability_away_from_the_negated_condition():
+  """Constructed logits: condition A favours token 0, condition B favours token 1; with
+  weights (+1, -1) token 1 ends up less likely than unconditionally, token 0 more."""
+  uncond = jnp.zeros(4)
+  cond_a = jnp.array([3.0, 0.0, 0.0, 0.0])
+  cond_b = jnp.array([0.0, 3.0, 0.0, 0.0])
+  p = lambda l: jax.nn.softmax(l)
+  mixed = sampler_lib.guide(jnp.stack([cond_a, cond_b, uncond]), jnp.array([1.0, -1.0]))
+  assert p(mixed)[1] < p(uncond)[1] < p(cond_b)[1]
+  assert p(mixed)[0] > p(cond_a)[0]
+
+
+def test_decoding_does_not_recompile_after_the_first_call(sampler):
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  steps = schedules.chained([DEPTH], [16], ["maskgit"], [8])
+  sampler.generate(state, steps, jax.random.key(7))
+  traced = sampler.traces
+  # other temperatures, token counts, top-k/p and inputs reuse the compiled step
+  steps = schedules.chained([DEPTH], [16], ["maskgit"], [25], temperatures=[0.3],
+                            temperature_schedules=["linear"], top_k=[5], top_p=[0.8])
+  sampler.generate(sampler.init_state(2, {RGB: {"tensor": _rgb(seed=9)}}), steps,
+                   jax.random.key(8))
+  assert sampler.traces == traced
+  # guidance is one more compilation, then reused for any scale
+  for scale in (2.0, 3.0, -1.0):
+    sampler.generate(state, schedules.chained([DEPTH], [16], ["maskgit"], [4],
+                                              guidance=[scale]), jax.random.key(9))
+  assert sampler.traces == traced + 1
+
+
+def test_filtering_keeps_the_top_tokens():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  assert np.isfinite(sampler_lib.filter_logits(logits, 2, 0.0)).sum() == 2
+  assert np.isfinite(sampler_lib.filter_logits(logits, 0, 0.7)).sum() == 2   # 0.5 + 0.3 >= 0.7
+  assert np.isfinite(sampler_lib.filter_logits(logits, 0, 0.0)).sum() == 4
+  assert np.isfinite(sampler_lib.filter_logits(logits, 1, 0.99)).sum() == 1
