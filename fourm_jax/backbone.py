@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Sequence
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from fourm_jax import model as model_lib
-from pretrain_jax import checkpoint
 from pretrain_jax.data import transforms
 
 
@@ -92,13 +87,8 @@ def load(workdir: str, step: int | None = None, modality: str | None = None):
   """(Backbone, params) of a fourm_jax.train workdir (its config.json and a checkpoint:
   the latest, or `step`). modality: the pixel input to read images through (default: the
   model's first pixel input)."""
-  from fourm_jax import train as train_lib     # the config -> model rules live there
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a fourm_jax.train workdir (no config.json)")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model = train_lib.build_model(config)
+  from fourm_jax import load as load_lib
+  model, params, _ = load_lib.load(workdir, step)
   pixels = [m.name for m in model.inputs if m.kind == "pixels"]
   if not pixels:
     raise ValueError(f"the 4M model of {workdir} has no pixel input (inputs: "
@@ -106,5 +96,4 @@ def load(workdir: str, step: int | None = None, modality: str | None = None):
   modality = modality or pixels[0]
   if modality not in pixels:
     raise ValueError(f"{modality!r} is not a pixel input of {workdir}'s model ({pixels})")
-  params = ocp.StandardCheckpointer().restore(checkpoint.state_dir(workdir, step))["params"]
   return Backbone(model, modality), params

@@ -70,7 +70,12 @@ def _heads_param(module, name, shape, names, in_axis, out_axis):
 
 class Attention(nn.Module):
   """Multi-head attention; self-attention when `context` is None. mask: bool
-  [B, 1 or T, S] (True = may attend)."""
+  [B, 1 or T, S] (True = may attend).
+
+  decode=True is cached left-to-right decoding (collection 'cache'): self-attention appends
+  this call's keys/values at the cache index and attends over the whole cache (mask
+  [B, 1, L_max]); cross-attention computes the context's keys/values on the first call
+  and reuses them."""
   num_heads: int
   qk_norm: bool = False
   dtype: Any = jnp.float32
@@ -81,10 +86,11 @@ class Attention(nn.Module):
                       jnp.float32).astype(self.dtype)
 
   @nn.compact
-  def __call__(self, x, mask, context=None):
+  def __call__(self, x, mask, context=None, decode: bool = False):
     d, h = x.shape[-1], self.num_heads
     hd = d // h
     x = x.astype(self.dtype)
+    cached_ctx = decode and context is not None and self.has_variable("cache", "ctx_k")
     if context is None:
       w = _heads_param(self, "qkv", (d, 3, h, hd), ("embed", "qkv", "heads", "kv"), 0, (1, 2, 3))
       qkv = jnp.einsum("btd,dshk->sbthk", x, w.astype(self.dtype))
@@ -95,14 +101,33 @@ class Attention(nn.Module):
       wq = _heads_param(self, "q", (d, h, hd), ("embed", "heads", "kv"), 0, (1, 2))
       wkv = _heads_param(self, "kv", (d, 2, h, hd), ("embed", "qkv", "heads", "kv"), 0, (1, 2, 3))
       q = jnp.einsum("btd,dhk->bthk", x, wq.astype(self.dtype))
-      kv = jnp.einsum("bsd,dchk->cbshk", context.astype(self.dtype), wkv.astype(self.dtype))
       if self.use_bias:
         q = q + self._bias("q_bias", (h, hd), ("heads", "kv"))
+    if context is not None and not cached_ctx:
+      kv = jnp.einsum("bsd,dchk->cbshk", context.astype(self.dtype), wkv.astype(self.dtype))
+      if self.use_bias:
         kv = kv + self._bias("kv_bias", (2, 1, 1, h, hd), ("qkv", None, None, "heads", "kv"))
       k, v = kv
     if self.qk_norm:
       q = _norm("q_norm", self.dtype)(q)
-      k = _norm("k_norm", self.dtype)(k)
+      if not cached_ctx:
+        k = _norm("k_norm", self.dtype)(k)
+    if decode and context is not None:
+      if cached_ctx:
+        k, v = self.get_variable("cache", "ctx_k"), self.get_variable("cache", "ctx_v")
+      else:
+        self.put_variable("cache", "ctx_k", k)
+        self.put_variable("cache", "ctx_v", v)
+    elif decode:
+      length = mask.shape[-1]
+      ck = self.variable("cache", "k", jnp.zeros, (k.shape[0], length, h, hd), k.dtype)
+      cv = self.variable("cache", "v", jnp.zeros, (v.shape[0], length, h, hd), v.dtype)
+      ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      i = ci.value
+      ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+      cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+      ci.value = i + x.shape[1]
+      k, v = ck.value, cv.value
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length",
                                        "activation_heads", "activation_kv"))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
@@ -184,12 +209,12 @@ class DecoderBlock(nn.Module):
   use_bias: bool = False
 
   @nn.compact
-  def __call__(self, y, context, self_mask, cross_mask):
+  def __call__(self, y, context, self_mask, cross_mask, decode: bool = False):
     attn = lambda name: Attention(self.num_heads, self.qk_norm, self.dtype, self.use_bias,
                                   name=name)
-    y = y + attn("self_attn")(_norm("norm1", self.dtype)(y), self_mask)
+    y = y + attn("self_attn")(_norm("norm1", self.dtype)(y), self_mask, decode=decode)
     y = y + attn("cross_attn")(_norm("query_norm", self.dtype)(y), cross_mask,
-                               _norm("context_norm", self.dtype)(context))
+                               _norm("context_norm", self.dtype)(context), decode=decode)
     y = y + _ffn(self.ffn, self.mlp_ratio, self.dtype, self.use_bias, "mlp")(
         _norm("norm2", self.dtype)(y))
     return _constrain(y)
@@ -404,6 +429,28 @@ class FourM(nn.Module):
     if len(outs) == self.encoder_depth:
       outs[-1] = self.encoder_norm(outs[-1])
     return outs
+
+  def decoder_context(self, batch: Batch, num_encoder_tokens: int):
+    """Encoder output as the decoder reads it -> (context [B, N, D], valid bool [B, N])."""
+    context, emb, valid = self.encode(batch, num_encoder_tokens)
+    return self.decoder_proj_context(context) + emb, valid
+
+  def decode_token(self, tokens, position, target: str, context, context_valid,
+                   max_len: int):
+    """One step of cached left-to-right decoding of sequence `target` (mutable 'cache'):
+    tokens int [B] at `position` (a scalar, the same for every row, < max_len) ->
+    logits [B, V] of the next token. The first call (position 0) creates the cache."""
+    m = {x.name: x for x in self.targets}[target]
+    table = jnp.asarray(positions.sincos_1d(m.length, self.dim))
+    pos = jnp.where(position < m.length, position, 0)
+    h = self.dec_embed[target](tokens[:, None]) + table[pos][None, None] + self.mod_emb[target]
+    self_mask = jnp.broadcast_to(jnp.arange(max_len)[None, None, :] <= position,
+                                 (tokens.shape[0], 1, max_len))
+    cross_mask = context_valid[:, None, :]
+    h = h.astype(self.dtype)
+    for blk in self.decoder:
+      h = blk(h, context, self_mask, cross_mask, True)
+    return self.logits(self.decoder_norm(h), target)[:, 0]
 
   def logits(self, y, modality: str):
     """Decoder outputs [B, M, D] -> logits [B, M, V] of `modality` (float32)."""

@@ -17,6 +17,11 @@ tokens to decode, the temperature, top-k, top-p and guidance weights are
 traced values, so a schedule of any length reuses one compilation per
 (target, scheme, guidance groups); `Sampler.traces` counts compilations.
 
+Sequences (captions, boxes, metadata) decode left to right from the [S_1]
+sentinel until [EOS], in one compiled loop with a key/value cache in the
+decoder (`FourM.decode_token`); the result is given from slot 0, so later
+targets are conditioned on it.
+
 MaskGIT samples every unknown token and keeps the `n` most confident
 (probability of the sampled token); ROAR samples `n` random unknown
 positions. Guidance runs the conditional and unconditional inputs as one
@@ -36,6 +41,8 @@ import numpy as np
 
 from fourm_jax import model as model_lib
 from fourm_jax import schedules
+from fourm_jax.masking import SENTINEL_BASE
+from tokenizers_jax.text import EOS_ID, PAD_ID
 
 State = dict[str, dict[str, jax.Array]]
 
@@ -195,6 +202,51 @@ class Sampler:
       self._steps[key] = jax.jit(step)
     return self._steps[key]
 
+  # ---- left-to-right decoding of a sequence ---------------------------------------------------
+  def _ar_fn(self, target: str, given: tuple):
+    key = (target, "autoregressive", given)
+    if key not in self._steps:
+      m = self.modalities[target]
+      dec = self.model.clone(remat=False)
+      length = m.length
+
+      def run(params, state, rng, temperature, top_k, top_p):
+        self.traces += 1
+        variables = {"params": params}
+        batch = self._batch(state, target, given)
+        ctx, valid = dec.apply(variables, batch, self.num_encoder_tokens,
+                               method=dec.decoder_context)
+        b = ctx.shape[0]
+        start = jnp.full((b,), SENTINEL_BASE + 1, jnp.int32)       # [S_1]: the one span
+        logits, cache = dec.apply(variables, start, 0, target, ctx, valid, length,
+                                  method=dec.decode_token, mutable=["cache"])
+
+        def body(t, carry):
+          seq, cache, logits, done = carry
+          logits = filter_logits(logits, top_k, top_p)
+          greedy = temperature <= 1e-6
+          sampled = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(
+              jax.random.fold_in(rng, t), logits / jnp.where(greedy, 1.0, temperature), -1))
+          tok = jnp.where(done, PAD_ID, sampled).astype(jnp.int32)
+          seq = seq.at[:, t].set(tok)
+          done = done | (tok == EOS_ID)
+          logits, cache = dec.apply({"params": params, **cache}, tok, t + 1, target, ctx,
+                                    valid, length, method=dec.decode_token, mutable=["cache"])
+          return seq, cache, logits, done
+
+        seq = jnp.full((b, length), PAD_ID, jnp.int32)
+        seq, _, logits, done = jax.lax.fori_loop(
+            0, length - 1, body, (seq, cache, logits, jnp.zeros((b,), bool)))
+        # the last slot: EOS for rows that never ended
+        seq = seq.at[:, length - 1].set(jnp.where(done, PAD_ID, EOS_ID))
+        n = self._length(m)
+        tensor = jnp.full((b, n), PAD_ID, jnp.int32).at[:, :length].set(seq)
+        known = jnp.zeros((b, n), bool).at[:, :length].set(seq != PAD_ID)
+        return {**state, target: {"tensor": tensor, "input_mask": ~known}}
+
+      self._steps[key] = jax.jit(run)
+    return self._steps[key]
+
   def generate(self, state: State, schedule: Sequence[schedules.Step], rng: jax.Array,
                conditions: Sequence[Sequence[str]] | None = None,
                weights: Sequence[float] | None = None) -> State:
@@ -208,10 +260,22 @@ class Sampler:
       raise ValueError("give one weight per condition group")
     current, groups, guided = None, None, False
     for i, step in enumerate(schedule):
-      if step.scheme == "autoregressive":
-        raise NotImplementedError("autoregressive decoding of sequences is not built yet")
       if step.target not in [m.name for m in self.model.targets]:
         raise ValueError(f"{step.target!r} is not a target of the model")
+      if step.scheme == "autoregressive":
+        if self.modalities[step.target].kind != "seq":
+          raise ValueError(f"{step.target} is not a sequence; decode it with maskgit or roar")
+        if not bool(np.all(np.asarray(state[step.target]["input_mask"]))):
+          raise NotImplementedError(f"{step.target} is given in part: filling sentinel spans "
+                                    "of a given sequence is not supported; give it whole or "
+                                    "not at all")
+        known = tuple(n for n in self.input_names if n != step.target and
+                      not bool(np.all(np.asarray(state[n]["input_mask"]))))
+        state = self._ar_fn(step.target, known)(
+            self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
+            jnp.int32(step.top_k), jnp.float32(step.top_p))
+        current = None
+        continue
       if step.target != current:
         current = step.target
         known = [n for n in self.input_names if n != current and

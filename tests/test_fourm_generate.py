@@ -93,17 +93,18 @@ def test_in_painting_never_changes_the_given_tokens(sampler):
 def test_guidance_weight_one_is_conditional_and_zero_unconditional(sampler):
   state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
   params = sampler.params
-  cond = sampler.target_logits(params, state, DEPTH, ((RGB,),))
-  uncond = sampler.target_logits(params, state, DEPTH, ((),))
+  logits = jax.jit(sampler.target_logits, static_argnums=(2, 3))
+  cond = logits(params, state, DEPTH, ((RGB,),))
+  uncond = logits(params, state, DEPTH, ((),))
   assert not np.allclose(cond, uncond)
   for w, want in ((1.0, cond), (0.0, uncond)):
-    got = sampler.target_logits(params, state, DEPTH, ((RGB,),), jnp.array([w]))
+    got = logits(params, state, DEPTH, ((RGB,),), jnp.array([w]))
     np.testing.assert_allclose(got, want, atol=1e-5)
   # multimodal guidance: weights (1, 0) select the first condition alone
   cap = np.array([[5, 17, 3]] * 2)
   state2 = sampler.init_state(2, {RGB: {"tensor": _rgb()}, "caption": {"tensor": cap}})
-  only_rgb = sampler.target_logits(params, state2, DEPTH, ((RGB,),))
-  got = sampler.target_logits(params, state2, DEPTH, ((RGB,), ("caption",)), jnp.array([1., 0.]))
+  only_rgb = logits(params, state2, DEPTH, ((RGB,),))
+  got = logits(params, state2, DEPTH, ((RGB,), ("caption",)), jnp.array([1., 0.]))
   np.testing.assert_allclose(got, only_rgb, atol=1e-5)
 
 
@@ -143,3 +144,55 @@ def test_filtering_keeps_the_top_tokens():
   assert np.isfinite(sampler_lib.filter_logits(logits, 0, 0.7)).sum() == 2   # 0.5 + 0.3 >= 0.7
   assert np.isfinite(sampler_lib.filter_logits(logits, 0, 0.0)).sum() == 4
   assert np.isfinite(sampler_lib.filter_logits(logits, 1, 0.99)).sum() == 1
+
+
+def _uncached_greedy(sampler, state, target, steps):
+  """Reference: the full decoder at every step (the training forward), greedy."""
+  model, m = sampler.model, sampler.modalities[target]
+  n = sampler._length(m)
+  seq = [masking_sentinel()]
+  b = state[target]["tensor"].shape[0]
+  seqs = np.array([seq] * b)
+  for _ in range(steps):
+    t = seqs.shape[1]
+    tensor = np.zeros((b, n), np.int32)
+    tensor[:, :t] = seqs
+    tgt_mask = np.ones((b, n), bool)
+    tgt_mask[:, :t + 1] = False                      # one more slot: the token to predict
+    batch = sampler._batch(state, target, (RGB,))
+    batch[target] = {"tensor": jnp.asarray(tensor), "input_mask": jnp.ones((b, n), bool),
+                     "target_mask": jnp.asarray(tgt_mask),
+                     "decoder_attention_mask": jnp.ones((b, n), jnp.int32)}
+    y, _, _, valid = model.apply({"params": sampler.params}, batch, sampler.num_encoder_tokens,
+                                 t + 1)
+    logits = model.apply({"params": sampler.params}, y, target, method=model.logits)
+    nxt = np.argmax(np.asarray(logits)[:, t - 1], -1)
+    seqs = np.concatenate([seqs, nxt[:, None]], 1)
+  return seqs[:, 1:]
+
+
+def masking_sentinel():
+  from fourm_jax.masking import SENTINEL_BASE
+  return SENTINEL_BASE + 1
+
+
+def test_cached_left_to_right_decoding_matches_the_full_decoder(sampler):
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  out = sampler.generate(state, [schedules.Step("caption", "autoregressive", 12, 0.0)],
+                         jax.random.key(0))
+  got = np.asarray(out["caption"]["tensor"])
+  want = _uncached_greedy(sampler, state, "caption", 5)
+  from tokenizers_jax.text import EOS_ID, PAD_ID
+  for row, ref in zip(got, want):
+    end = list(ref).index(EOS_ID) + 1 if EOS_ID in ref else len(ref)
+    np.testing.assert_array_equal(row[:end], ref[:end])
+  known = ~np.asarray(out["caption"]["input_mask"])
+  assert (known == (got != PAD_ID)).all() and known[:, 0].all()
+  assert ((got == EOS_ID).sum(1) == 1).all()        # every sequence ends in exactly one EOS
+  traced = sampler.traces
+  sampler.generate(state, [schedules.Step("caption", "autoregressive", 12, 0.7, top_k=5)],
+                   jax.random.key(1))
+  assert sampler.traces == traced
+  # the caption then conditions a chained image target
+  chained = sampler.generate(out, [schedules.Step(DEPTH, "maskgit", 16, 0.0)], jax.random.key(2))
+  assert not bool(chained[DEPTH]["input_mask"].any())

@@ -148,3 +148,32 @@ def test_text_and_tokenize_clis_write_a_vocabulary_and_token_shards(setup, tmp_p
   assert words(text.decode(tok, rec["caption"])) == words(src)
   bad = run("tokenizers_jax.fit_text", "--config=configs/tokenizers/text.py", f"--out={vocab}")
   assert bad.returncode != 0 and "--input" in bad.stderr
+
+
+def test_retrieval_predicts_global_embeddings_and_ranks_the_gallery(setup):
+  import jax
+  from fourm_jax import model as model_lib, modalities, retrieval, sampler as sampler_lib
+  from tokenizers_jax.tokenize import Tokenizer
+  tok = Tokenizer(str(setup / "tok_global"))
+  glob = modalities.Modality("tok_aim_global", "global", vocab_size=tok.config.model.num_codes,
+                             length=tok.config.model.num_tokens)
+  cap = modalities.Modality("caption", "seq", vocab_size=4500, length=16)
+  model = model_lib.FourM((cap, glob), (glob,), dim=32, encoder_depth=1, decoder_depth=1,
+                          num_heads=4)
+  s = sampler_lib.Sampler(model, None)
+  batch = s._batch(s.init_state(3, {}), glob.name, ())
+  s.params = jax.jit(lambda r: model.init(r, batch, s.num_encoder_tokens, glob.length))(
+      jax.random.key(0))["params"]
+  ids = np.array([[4300, 4301, 3], [4302, 3, 0], [4310, 4311, 3]])
+  emb = retrieval.predict_embeddings(s, {"caption": {"tensor": ids}}, glob.name, tok, 3)
+  ds = multimodal.dataset(f"{setup}/labelled/*.array_record", fields=("aim_global",))
+  gallery = np.stack([ds[i]["aim_global"] for i in range(len(ds))]).astype(np.float32)
+  assert emb.shape == (3, gallery.shape[1]) and np.isfinite(emb).all()
+  idx, sim = retrieval.cosine_rank(emb, gallery, k=4)
+  assert idx.shape == (3, 4) and (np.diff(sim, axis=1) <= 1e-12).all()
+  # queried with its own embedding, every item comes first
+  idx, sim = retrieval.cosine_rank(gallery, gallery, k=1)
+  np.testing.assert_array_equal(idx[:, 0], np.arange(len(gallery)))
+  np.testing.assert_allclose(sim[:, 0], 1.0, atol=1e-9)
+  with pytest.raises(ValueError, match="not a global embedding"):
+    retrieval.predict_embeddings(s, {}, "caption", tok, 1)

@@ -1,0 +1,207 @@
+"""Out-of-the-box evaluation of 4M on labelled scenes (4M Sec. 3; 4M-21 App. C.2).
+
+RGB in, each target generated (MaskGIT, or left to right for sequences),
+detokenized and compared with the exact labels of the scenes validation
+shards (fourm_jax.pseudo_label's output, whose labels are exact for scenes):
+
+  depth      standardised L1 (both maps standardised per image, mean |a - b|)
+  normals    mean angle error in degrees
+  semantic   mean IoU over the classes present
+  det        AP at IoU 0.5 of the decoded boxes (in decoded order), per class, averaged
+  caption    exact match of the set of object classes the caption mentions
+
+Each is set beside two references: the tokenizer bound (the ground truth
+encoded and decoded, what a perfect 4M would get) and the trivial
+prediction (the mean depth, the mean normal, the most frequent class, no
+boxes). With `ensemble` > 1 that many samples are generated per image and
+averaged (depth, normals) or voted (classes), as 4M-21 App. C.2.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from fourm_jax import sampler as sampler_lib, schedules
+from fourm_jax.generate import tokenizer_kind
+from pretrain_jax.data import transforms
+from tokenizers_jax import train as tok_train
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def standardised_l1(pred: np.ndarray, truth: np.ndarray) -> float:
+  """Mean over images of mean |std(pred) - std(truth)|, each map standardised per image."""
+  s = lambda x: (x - x.mean(axis=(1, 2), keepdims=True)) / np.maximum(
+      x.std(axis=(1, 2), keepdims=True), 1e-6)
+  return float(np.mean(np.abs(s(np.asarray(pred, np.float64)) - s(np.asarray(truth, np.float64)))))
+
+
+def mean_angle_error(pred: np.ndarray, truth: np.ndarray) -> float:
+  """Degrees between normal maps [B, H, W, 3] (normalised first)."""
+  n = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  cos = np.clip(np.sum(n(np.asarray(pred, np.float64)) * n(np.asarray(truth, np.float64)), -1),
+                -1, 1)
+  return float(np.degrees(np.arccos(cos)).mean())
+
+
+def mean_iou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+  """Mean IoU over the classes present in the prediction or the truth (int maps)."""
+  p, t = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+  conf = np.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, -1)
+  inter = np.diag(conf)
+  union = conf.sum(0) + conf.sum(1) - inter
+  present = union > 0
+  return float((inter[present] / union[present]).mean()) if present.any() else 1.0
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """IoU of boxes a [N, 4] with b [M, 4] (xmin, ymin, xmax, ymax) -> [N, M]."""
+  lo = np.maximum(a[:, None, :2], b[None, :, :2])
+  hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.clip(hi - lo, 0, None), -1)
+  area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), -1)
+  return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-12)
+
+
+def box_ap50(preds: Sequence[tuple[np.ndarray, list[str]]],
+             truths: Sequence[tuple[np.ndarray, list[str]]]) -> float:
+  """Mean over classes of VOC-style AP at IoU 0.5; predictions ranked in decoded order."""
+  classes = sorted({c for _, names in truths for c in names})
+  aps = []
+  for c in classes:
+    hits, n_true = [], 0
+    for (pb, pn), (tb, tn) in zip(preds, truths):
+      pb, tb = np.asarray(pb).reshape(-1, 4), np.asarray(tb).reshape(-1, 4)
+      p_idx = [i for i, n in enumerate(pn) if n == c]
+      t_idx = [i for i, n in enumerate(tn) if n == c]
+      n_true += len(t_idx)
+      used = set()
+      for rank, i in enumerate(p_idx):
+        ious = _iou(pb[i:i + 1], tb[t_idx])[0] if t_idx else np.zeros(0)
+        j = int(np.argmax(ious)) if len(ious) else -1
+        ok = j >= 0 and ious[j] >= 0.5 and j not in used
+        if ok:
+          used.add(j)
+        hits.append((rank, ok))
+    if not n_true:
+      continue
+    hits.sort(key=lambda h: h[0])
+    tp = np.cumsum([h[1] for h in hits]) if hits else np.zeros(0)
+    if not len(tp):
+      aps.append(0.0)
+      continue
+    recall = tp / n_true
+    precision = tp / np.arange(1, len(tp) + 1)
+    ap, prev = 0.0, 0.0
+    for r, p in zip(recall, np.maximum.accumulate(precision[::-1])[::-1]):
+      ap += (r - prev) * p
+      prev = r
+    aps.append(ap)
+  return float(np.mean(aps)) if aps else 0.0
+
+
+def mentioned(caption: str, classes: Sequence[str]) -> frozenset:
+  """The classes a caption names (whole words; plural 's' allowed)."""
+  low = caption.lower()
+  return frozenset(c for c in classes if re.search(rf"\b{re.escape(c.lower())}s?\b", low))
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+def _truth(kind: str, rec: dict, resolution: int) -> np.ndarray:
+  value = rec[kind]
+  if kind == "depth":
+    return np.asarray(value, np.float32)
+  if kind == "normals":
+    return np.asarray(value, np.float32)
+  return np.asarray(value)
+
+
+def evaluate(model, params, records: Sequence[dict], tokenizers: dict, targets: Sequence[str],
+             text_tok=None, class_names: Sequence[str] = (), steps: int = 8,
+             temperature: float = 0.0, ensemble: int = 1, batch_size: int = 16,
+             seed: int = 0) -> dict:
+  """{target: {"model", "tokenizer_bound", "baseline", "metric"}} on labelled `records`
+  (dicts with image and the labels), RGB pixels as the only condition."""
+  from tokenizers_jax import sequences, text
+  pixels = [m for m in model.inputs if m.kind == "pixels"]
+  if not pixels:
+    raise ValueError("the model has no RGB pixel input to condition on")
+  px = pixels[0]
+  size = px.grid[0] * px.patch_size
+  sampler = sampler_lib.Sampler(model, params)
+  rows = {m.name: m for m in model.targets}
+  out = {}
+  images = np.stack([transforms.resize_center_crop(r["image"], size, 1.0) for r in records])
+  for target in targets:
+    m = rows[target]
+    kind = tokenizer_kind(target) if m.kind != "seq" else target
+    if m.kind == "seq":
+      plan = [schedules.Step(target, "autoregressive", m.length, temperature)]
+    else:
+      plan = schedules.chained([target], [m.num_tokens], ["maskgit"], [steps],
+                               temperatures=[temperature])
+    preds = []
+    for start in range(0, len(records), batch_size):
+      chunk = images[start:start + batch_size]
+      n = len(chunk)
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+      chunk = np.stack([transforms.normalize(im) for im in chunk])
+      samples = []
+      for e in range(ensemble):
+        state = sampler.init_state(batch_size, {px.name: {"tensor": chunk}})
+        state = sampler.generate(state, plan, jax.random.key(seed * 1000 + start + e))
+        samples.append(np.asarray(state[target]["tensor"])[:n])
+      preds.append(np.stack(samples, 1))          # [n, ensemble, tokens]
+    toks = np.concatenate(preds)
+    if m.kind == "seq":
+      texts = [[text.decode(text_tok, t) for t in per] for per in toks]
+      if target == "det":
+        pred = [sequences.decode_boxes(ts[0]) if ts[0] else (np.zeros((0, 4)), [])
+                for ts in texts]
+        truth = [(r["boxes"], [class_names[c] for c in r["box_classes"]]) for r in records]
+        out[target] = {"metric": "AP50", "model": box_ap50(pred, truth),
+                       "baseline": 0.0, "tokenizer_bound": 1.0}
+      else:
+        got = [mentioned(ts[0], class_names) for ts in texts]
+        want = [mentioned(r["caption"], class_names) for r in records]
+        exact = float(np.mean([a == b for a, b in zip(got, want)]))
+        most = max(set(want), key=want.count)
+        out[target] = {"metric": "object mentions exact match", "model": exact,
+                       "baseline": float(np.mean([w == most for w in want])),
+                       "tokenizer_bound": 1.0}
+      out[target]["examples"] = [ts[0] for ts in texts[:4]]
+      continue
+    tok = tokenizers.get(kind)
+    if tok is None:
+      raise ValueError(f"target {target}: no tokenizer for {kind}")
+    decode = lambda t: tok.detokenize(t.reshape(-1, *m.grid), seed=seed)
+    values = np.stack([decode(toks[:, e]) for e in range(ensemble)], 1)   # [n, E, H, W, C]
+    res = tok.config.data.resolution
+    truth = np.stack([_truth(kind, r, res) for r in records])
+    bound = decode(tok([r[kind] for r in records]))
+    if kind == "depth":
+      pred = values.mean(1)[..., 0]
+      out[target] = {"metric": "standardised L1", "model": standardised_l1(pred, truth),
+                     "tokenizer_bound": standardised_l1(bound[..., 0], truth),
+                     "baseline": standardised_l1(np.zeros_like(truth), truth)}   # the mean
+    elif kind == "normals":
+      mean_normal = truth.reshape(-1, 3).mean(0)
+      out[target] = {"metric": "mean angle error (deg)",
+                     "model": mean_angle_error(values.mean(1), truth),
+                     "tokenizer_bound": mean_angle_error(bound, truth),
+                     "baseline": mean_angle_error(np.broadcast_to(mean_normal, truth.shape),
+                                                  truth)}
+    elif kind == "semantic":
+      c = values.shape[-1]
+      votes = np.eye(c)[values.argmax(-1)].sum(1).argmax(-1)
+      common = np.bincount(truth.ravel(), minlength=c).argmax()
+      out[target] = {"metric": "mIoU", "model": mean_iou(votes, truth, c),
+                     "tokenizer_bound": mean_iou(bound.argmax(-1), truth, c),
+                     "baseline": mean_iou(np.full_like(truth, common), truth, c)}
+    else:
+      raise ValueError(f"no out-of-the-box metric for {target} ({kind})")
+  out["_settings"] = {"records": len(records), "steps": steps, "temperature": temperature,
+                      "ensemble": ensemble, "compilations": sampler.traces}
+  return out

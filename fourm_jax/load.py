@@ -1,0 +1,26 @@
+"""A trained 4M from its fourm_jax.train workdir: model, params and config.
+
+  model, params, config = fourm_jax.load.load("workdir/4m_tiny")
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from pretrain_jax import checkpoint
+
+
+def load(workdir: str, step: int | None = None):
+  """(FourM, params, config) of a workdir's config.json and its latest checkpoint (or `step`)."""
+  from fourm_jax import train as train_lib     # the config -> model rules live there
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a fourm_jax.train workdir (no config.json)")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model = train_lib.build_model(config)
+  params = ocp.StandardCheckpointer().restore(checkpoint.state_dir(workdir, step))["params"]
+  return model, params, config
