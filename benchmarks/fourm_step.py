@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -31,17 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fourm_jax import train as fourm_train  # noqa: E402
+from pretrain_jax import cli  # noqa: E402
 from pretrain_jax import flops as flops_lib  # noqa: E402
 from pretrain_jax import loop, mesh as mesh_lib, optim, partitioning  # noqa: E402
 from pretrain_jax import train_state as ts  # noqa: E402
 
 
 def load_config(variant: str):
-  spec = importlib.util.spec_from_file_location("fourm_pretrain",
-                                                f"{ROOT}/configs/fourm/pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f"variant={variant}")
+  return cli.config_from_file(f"{ROOT}/configs/fourm/pretrain.py", f"variant={variant}")
 
 
 def configs():

@@ -44,7 +44,17 @@ KINDS = {
     "diffusion_rgb": ("diffusion.py", "modality=rgb,variant=tiny", "modality=rgb,variant=B16"),
     "sam_mask": ("vqvae.py", "modality=sam_mask,variant=tiny", "modality=sam_mask,variant=B16"),
     "mlp_pose": ("mlp_vae.py", "target=pose,variant=tiny", "target=pose,variant=paper"),
+    "vqvae_depth": ("vqvae.py", "modality=depth,variant=tiny", "modality=depth,variant=B16"),
+    "vqvae_semantic": ("vqvae.py", "modality=semantic,variant=tiny",
+                       "modality=semantic,variant=B16"),
+    "vqvae_features": ("vqvae.py", "modality=features,variant=tiny",
+                       "modality=features,variant=B16"),
+    "diffusion_depth": ("diffusion.py", "modality=depth,variant=tiny",
+                        "modality=depth,variant=B16"),
+    "mlp_global": ("mlp_vae.py", "target=global,variant=tiny", "target=global,variant=paper"),
 }
+# vector and feature widths where the data would set them (a ViT-B embedding: 768)
+WIDTHS = {"mlp_global": {"model.in_dim": 768}, "vqvae_features": {"model.feature_dim": 768}}
 
 
 def _config(file, arg):
@@ -54,8 +64,14 @@ def _config(file, arg):
   return mod.get_config(arg)
 
 
-def throughput(file: str, arg: str, batch: int = 8, reps: int = 3) -> dict[str, float]:
+def throughput(file: str, arg: str, batch: int = 8, reps: int = 3,
+               overrides: dict | None = None) -> dict[str, float]:
   cfg = _config(file, arg)
+  for key, value in (overrides or {}).items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  if cfg.get("modality") == "features" and not cfg.data.resolution:
+    cfg.data.resolution = 16          # a 16 x 16 feature map (ViT-B/14 at 224 px)
   task = tok_train.build_task(cfg)
   model = tok_train.build_model(cfg)
   key = jax.random.key(0)
@@ -139,18 +155,30 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/tokenizers.json"))
+  parser.add_argument("--throughput_only", action="store_true",
+                      help="skip training the tiny tokenizers; keep the quality table (and its "
+                           "date) of an earlier run in --out")
   args = parser.parse_args()
   logging.getLogger().setLevel(logging.WARNING)
   speed = {}
   for name, (file, tiny, paper) in KINDS.items():
-    speed[f"{name} tiny"] = throughput(file, tiny)
+    extra = WIDTHS.get(name)
+    speed[f"{name} tiny"] = throughput(file, tiny, overrides=extra)
     # the B/16 diffusion decoder runs 25 UNet passes at 224 px: one small batch on CPU
-    big = name == "diffusion_rgb"
-    speed[f"{name} paper"] = throughput(file, paper, batch=2 if big else 8, reps=1 if big else 3)
+    big = name.startswith("diffusion")
+    speed[f"{name} paper"] = throughput(file, paper, batch=2 if big else 8, reps=1 if big else 3,
+                                        overrides=extra)
   runs = [("vqvae.py", m) for m in ("rgb", "depth", "normals", "semantic", "sam_mask")] + \
          [("diffusion.py", m) for m in ("rgb", "depth")] + [("mlp_vae.py", "pose")]
-  with tempfile.TemporaryDirectory() as tmp:
-    qual = {f"{f[:-3]} {m}": quality(f, m, args.steps, tmp) for f, m in runs}
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+  if args.throughput_only:
+    with open(args.out, encoding="utf-8") as f:
+      old = json.load(f)
+    qual, quality_date = old["quality"], old.get("quality_date", old["date"])
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      qual = {f"{f[:-3]} {m}": quality(f, m, args.steps, tmp) for f, m in runs}
+    quality_date = now
   print(f"{'tokenizer':20s} {'params (M)':>10s} {'encode /s':>10s} {'decode /s':>10s}")
   for v, s in speed.items():
     print(f"{v:20s} {s['params_M']:10.2f} {s['encode']:10.1f} {s['decode']:10.2f}")
@@ -160,7 +188,7 @@ def main():
     print(f"{m:18s} {q['metric']:40s} {q['tokenizer']:10.3f} {base:10.3f}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    json.dump({"date": now, "quality_date": quality_date,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
                "steps": args.steps, "throughput": speed, "quality": qual}, f, indent=2)
   print(f"wrote {args.out}")

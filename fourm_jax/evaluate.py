@@ -27,7 +27,6 @@ import numpy as np
 from fourm_jax import sampler as sampler_lib, schedules
 from fourm_jax.generate import tokenizer_kind
 from pretrain_jax.data import transforms
-from tokenizers_jax import train as tok_train
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -108,14 +107,17 @@ def mentioned(caption: str, classes: Sequence[str]) -> frozenset:
   return frozenset(c for c in classes if re.search(rf"\b{re.escape(c.lower())}s?\b", low))
 
 
+def _boxes_or_none(sequences, text_: str):
+  """Decoded boxes of a generated det sequence; a malformed one counts as no boxes."""
+  try:
+    return sequences.decode_boxes(text_) if text_.strip() else (np.zeros((0, 4)), [])
+  except ValueError:
+    return np.zeros((0, 4)), []
+
+
 # ---- evaluation --------------------------------------------------------------------------------
-def _truth(kind: str, rec: dict, resolution: int) -> np.ndarray:
-  value = rec[kind]
-  if kind == "depth":
-    return np.asarray(value, np.float32)
-  if kind == "normals":
-    return np.asarray(value, np.float32)
-  return np.asarray(value)
+def _truth(kind: str, rec: dict) -> np.ndarray:
+  return np.asarray(rec[kind], np.float32 if kind in ("depth", "normals") else None)
 
 
 def evaluate(model, params, records: Sequence[dict], tokenizers: dict, targets: Sequence[str],
@@ -158,8 +160,7 @@ def evaluate(model, params, records: Sequence[dict], tokenizers: dict, targets: 
     if m.kind == "seq":
       texts = [[text.decode(text_tok, t) for t in per] for per in toks]
       if target == "det":
-        pred = [sequences.decode_boxes(ts[0]) if ts[0] else (np.zeros((0, 4)), [])
-                for ts in texts]
+        pred = [_boxes_or_none(sequences, ts[0]) for ts in texts]
         truth = [(r["boxes"], [class_names[c] for c in r["box_classes"]]) for r in records]
         out[target] = {"metric": "AP50", "model": box_ap50(pred, truth),
                        "baseline": 0.0, "tokenizer_bound": 1.0}
@@ -178,8 +179,7 @@ def evaluate(model, params, records: Sequence[dict], tokenizers: dict, targets: 
       raise ValueError(f"target {target}: no tokenizer for {kind}")
     decode = lambda t: tok.detokenize(t.reshape(-1, *m.grid), seed=seed)
     values = np.stack([decode(toks[:, e]) for e in range(ensemble)], 1)   # [n, E, H, W, C]
-    res = tok.config.data.resolution
-    truth = np.stack([_truth(kind, r, res) for r in records])
+    truth = np.stack([_truth(kind, r) for r in records])
     bound = decode(tok([r[kind] for r in records]))
     if kind == "depth":
       pred = values.mean(1)[..., 0]

@@ -136,6 +136,13 @@ class Attention(nn.Module):
     return out + self._bias("proj_bias", (d,), ("embed",)) if self.use_bias else out
 
 
+def _dense(n: int, names: tuple, name: str, use_bias: bool, dtype) -> nn.Dense:
+  """A feed-forward projection to n features with logical axis names (kernel `names`)."""
+  return nn.Dense(n, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+
+
 class SwiGLU(nn.Module):
   """fc2(silu(fc1(x)) * fc3(x)), no biases by default; hidden int(2/3 * mlp_ratio * dim)."""
   mlp_ratio: float = 4.0
@@ -146,10 +153,7 @@ class SwiGLU(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     hidden = int(2 * int(d * self.mlp_ratio) / 3)
-    dense = lambda n, names, name: nn.Dense(
-        n, use_bias=self.use_bias, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+    dense = lambda n, names, name: _dense(n, names, name, self.use_bias, self.dtype)
     g = dense(hidden, ("embed", "mlp"), "fc1")(x)
     u = dense(hidden, ("embed", "mlp"), "fc3")(x)
     h = nn.with_logical_constraint(nn.silu(g) * u, ("activation_batch", "activation_length",
@@ -166,10 +170,7 @@ class GeluMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    dense = lambda n, names, name: nn.Dense(
-        n, use_bias=self.use_bias, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+    dense = lambda n, names, name: _dense(n, names, name, self.use_bias, self.dtype)
     h = nn.gelu(dense(int(d * self.mlp_ratio), ("embed", "mlp"), "fc1")(x), approximate=False)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
     return dense(d, ("mlp", "embed"), "fc2")(h)

@@ -15,7 +15,9 @@ in-painted: its given tokens never change, the others are generated.
 Each decoding step is one jitted function of fixed shapes: the number of
 tokens to decode, the temperature, top-k, top-p and guidance weights are
 traced values, so a schedule of any length reuses one compilation per
-(target, scheme, guidance groups); `Sampler.traces` counts compilations.
+(target, scheme, guidance groups, encoder length); `Sampler.traces` counts
+compilations. The encoder length is the most tokens the target's decoding
+can give it, rounded up to a multiple of 64 (`encoder_tokens`), unless fixed.
 
 Sequences (captions, boxes, metadata) decode left to right from the [S_1]
 sentinel until [EOS], in one compiled loop with a key/value cache in the
@@ -79,8 +81,9 @@ class Sampler:
     self.model, self.params = model, params
     self.modalities = {m.name: m for m in (*model.inputs, *model.targets)}
     self.input_names = [m.name for m in model.inputs]
-    self.num_encoder_tokens = num_encoder_tokens or sum(
-        self._length(m) for m in model.inputs)
+    # every input position: the most the encoder can be given
+    self.max_encoder_tokens = sum(self._length(m) for m in model.inputs)
+    self.num_encoder_tokens = num_encoder_tokens    # None: per target, bucketed (below)
     self.traces = 0
     self._steps = {}
 
@@ -146,8 +149,21 @@ class Sampler:
                      "target_mask": tgt_mask, "decoder_attention_mask": att}
     return batch
 
+  def encoder_tokens(self, state: State, target: str) -> int:
+    """Encoder length for decoding `target` from `state`: the fixed `num_encoder_tokens`, or
+    the most tokens it can be given (the known tokens of the other inputs, plus all of the
+    target's if it is an input) rounded up to a multiple of 64, so that a handful of
+    lengths (compilations) serve every schedule."""
+    if self.num_encoder_tokens:
+      return self.num_encoder_tokens
+    n = sum(int(np.max(np.sum(~np.asarray(state[m]["input_mask"]), axis=1)))
+            for m in self.input_names if m != target)
+    if target in self.input_names:
+      n += self._length(self.modalities[target])
+    return int(min(max(64, -(-n // 64) * 64), self.max_encoder_tokens))
+
   def target_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
-                    weights=None):
+                    weights=None, num_encoder_tokens: int | None = None):
     """Logits [B, N, V] of every position of an image-like `target` (float32).
 
     groups: condition groups (each a tuple of modality names given in it). With weights
@@ -164,7 +180,8 @@ class Sampler:
     batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
     n = m.num_tokens
     variables = {"params": params}
-    y, _, _, _ = self.model.apply(variables, batch, self.num_encoder_tokens, n)
+    n_enc = num_encoder_tokens or self.num_encoder_tokens or self.max_encoder_tokens
+    y, _, _, _ = self.model.apply(variables, batch, n_enc, n)
     slot_logits = self.model.apply(variables, y, target, method=self.model.logits)
     unknown = jnp.concatenate([state[target]["input_mask"]] * len(variants), 0)
     pos_of_slot = jnp.argsort(~unknown, axis=1, stable=True)   # unknown positions first, in order
@@ -174,12 +191,13 @@ class Sampler:
     return logits[0] if weights is None else guide(logits, weights)
 
   # ---- one decoding step ----------------------------------------------------------------------
-  def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool):
-    key = (target, scheme, groups, guided)
+  def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int):
+    key = (target, scheme, groups, guided, n_enc)
     if key not in self._steps:
       def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
         self.traces += 1          # runs once per compilation
-        logits = self.target_logits(params, state, target, groups, weights if guided else None)
+        logits = self.target_logits(params, state, target, groups, weights if guided else None,
+                                    n_enc)
         logits = filter_logits(logits, top_k, top_p)
         greedy = temperature <= 1e-6
         scaled = logits / jnp.where(greedy, 1.0, temperature)
@@ -203,8 +221,8 @@ class Sampler:
     return self._steps[key]
 
   # ---- left-to-right decoding of a sequence ---------------------------------------------------
-  def _ar_fn(self, target: str, given: tuple):
-    key = (target, "autoregressive", given)
+  def _ar_fn(self, target: str, given: tuple, n_enc: int):
+    key = (target, "autoregressive", given, n_enc)
     if key not in self._steps:
       m = self.modalities[target]
       dec = self.model.clone(remat=False)
@@ -214,8 +232,7 @@ class Sampler:
         self.traces += 1
         variables = {"params": params}
         batch = self._batch(state, target, given)
-        ctx, valid = dec.apply(variables, batch, self.num_encoder_tokens,
-                               method=dec.decoder_context)
+        ctx, valid = dec.apply(variables, batch, n_enc, method=dec.decoder_context)
         b = ctx.shape[0]
         start = jnp.full((b,), SENTINEL_BASE + 1, jnp.int32)       # [S_1]: the one span
         logits, cache = dec.apply(variables, start, 0, target, ctx, valid, length,
@@ -271,7 +288,7 @@ class Sampler:
                                     "not at all")
         known = tuple(n for n in self.input_names if n != step.target and
                       not bool(np.all(np.asarray(state[n]["input_mask"]))))
-        state = self._ar_fn(step.target, known)(
+        state = self._ar_fn(step.target, known, self.encoder_tokens(state, step.target))(
             self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
             jnp.int32(step.top_k), jnp.float32(step.top_p))
         current = None
@@ -280,6 +297,7 @@ class Sampler:
         current = step.target
         known = [n for n in self.input_names if n != current and
                  not bool(np.all(np.asarray(state[n]["input_mask"])))]
+        n_enc = self.encoder_tokens(state, current)
         if conditions is not None:
           groups, guided = tuple(tuple(g) for g in conditions), True
           w = np.asarray(weights, np.float32)
@@ -288,7 +306,7 @@ class Sampler:
           guided = any(s.guidance != 1.0 for s in schedule if s.target == current)
       if conditions is None:
         w = np.array([step.guidance], np.float32)
-      fn = self._step_fn(current, step.scheme, groups, guided)
+      fn = self._step_fn(current, step.scheme, groups, guided, n_enc)
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
                  jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),
                  jnp.asarray(w))

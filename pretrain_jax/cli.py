@@ -25,6 +25,17 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): auto-detect a multi-process job, always, never.")
 
 
+def config_from_file(path: str, arg: str = ""):
+  """`get_config(arg)` of a config file, as --config=path.py:arg loads it (for scripts,
+  notebooks and benchmarks)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 _QUIET = ("/orbax/", "/grain/", "/jax/", "/absl/", "/tensorflow")
 
 

@@ -20,7 +20,7 @@ def sampler():
   s = sampler_lib.Sampler(model, None)
   state = s.init_state(2, {})
   batch = s._batch(state, DEPTH, ())
-  params = jax.jit(lambda r: model.init(r, batch, s.num_encoder_tokens, 16))(
+  params = jax.jit(lambda r: model.init(r, batch, s.max_encoder_tokens, 16))(
       jax.random.key(0))["params"]
   s.params = params
   return s
@@ -163,7 +163,7 @@ def _uncached_greedy(sampler, state, target, steps):
     batch[target] = {"tensor": jnp.asarray(tensor), "input_mask": jnp.ones((b, n), bool),
                      "target_mask": jnp.asarray(tgt_mask),
                      "decoder_attention_mask": jnp.ones((b, n), jnp.int32)}
-    y, _, _, valid = model.apply({"params": sampler.params}, batch, sampler.num_encoder_tokens,
+    y, _, _, valid = model.apply({"params": sampler.params}, batch, sampler.max_encoder_tokens,
                                  t + 1)
     logits = model.apply({"params": sampler.params}, y, target, method=model.logits)
     nxt = np.argmax(np.asarray(logits)[:, t - 1], -1)

@@ -162,7 +162,7 @@ def test_retrieval_predicts_global_embeddings_and_ranks_the_gallery(setup):
                           num_heads=4)
   s = sampler_lib.Sampler(model, None)
   batch = s._batch(s.init_state(3, {}), glob.name, ())
-  s.params = jax.jit(lambda r: model.init(r, batch, s.num_encoder_tokens, glob.length))(
+  s.params = jax.jit(lambda r: model.init(r, batch, s.max_encoder_tokens, glob.length))(
       jax.random.key(0))["params"]
   ids = np.array([[4300, 4301, 3], [4302, 3, 0], [4310, 4311, 3]])
   emb = retrieval.predict_embeddings(s, {"caption": {"tensor": ids}}, glob.name, tok, 3)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any
 
 import grain
 import numpy as np
