@@ -25,7 +25,8 @@ import time
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# the repository instead of this folder, whose tokenizers.py would shadow the tokenizers package
+sys.path[0] = ROOT
 
 from fourm_jax import evaluate, load as load_lib, pseudo_label as pl  # noqa: E402
 from fourm_jax import train as fourm_train  # noqa: E402

@@ -221,33 +221,38 @@ class Sampler:
     return self._steps[key]
 
   # ---- left-to-right decoding of a sequence ---------------------------------------------------
-  def _ar_fn(self, target: str, given: tuple, n_enc: int):
-    key = (target, "autoregressive", given, n_enc)
+  def _ar_fn(self, target: str, groups: tuple, guided: bool, n_enc: int):
+    key = (target, "autoregressive", groups, guided, n_enc)
     if key not in self._steps:
       m = self.modalities[target]
       dec = self.model.clone(remat=False)
       length = m.length
+      variants = list(groups) + ([()] if guided else [])
 
-      def run(params, state, rng, temperature, top_k, top_p):
+      def run(params, state, rng, temperature, top_k, top_p, weights):
         self.traces += 1
         variables = {"params": params}
-        batch = self._batch(state, target, given)
+        # the conditional variants and the unconditional one, decoded side by side
+        batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0),
+                             *[self._batch(state, target, g) for g in variants])
         ctx, valid = dec.apply(variables, batch, n_enc, method=dec.decoder_context)
-        b = ctx.shape[0]
+        b, k = state[target]["tensor"].shape[0], len(variants)
+        tile = lambda tok: jnp.tile(tok, k)
+        combine = (lambda l: guide(l.reshape(k, b, -1), weights)) if guided else (lambda l: l)
         start = jnp.full((b,), SENTINEL_BASE + 1, jnp.int32)       # [S_1]: the one span
-        logits, cache = dec.apply(variables, start, 0, target, ctx, valid, length,
+        logits, cache = dec.apply(variables, tile(start), 0, target, ctx, valid, length,
                                   method=dec.decode_token, mutable=["cache"])
 
         def body(t, carry):
           seq, cache, logits, done = carry
-          logits = filter_logits(logits, top_k, top_p)
+          logits = filter_logits(combine(logits), top_k, top_p)
           greedy = temperature <= 1e-6
           sampled = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(
               jax.random.fold_in(rng, t), logits / jnp.where(greedy, 1.0, temperature), -1))
           tok = jnp.where(done, PAD_ID, sampled).astype(jnp.int32)
           seq = seq.at[:, t].set(tok)
           done = done | (tok == EOS_ID)
-          logits, cache = dec.apply({"params": params, **cache}, tok, t + 1, target, ctx,
+          logits, cache = dec.apply({"params": params, **cache}, tile(tok), t + 1, target, ctx,
                                     valid, length, method=dec.decode_token, mutable=["cache"])
           return seq, cache, logits, done
 
@@ -288,9 +293,15 @@ class Sampler:
                                     "not at all")
         known = tuple(n for n in self.input_names if n != step.target and
                       not bool(np.all(np.asarray(state[n]["input_mask"]))))
-        state = self._ar_fn(step.target, known, self.encoder_tokens(state, step.target))(
-            self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
-            jnp.int32(step.top_k), jnp.float32(step.top_p))
+        if conditions is not None:
+          groups, guided = tuple(tuple(g) for g in conditions), True
+          w = np.asarray(weights, np.float32)
+        else:
+          groups, guided = (known,), step.guidance != 1.0
+          w = np.array([step.guidance], np.float32)
+        fn = self._ar_fn(step.target, groups, guided, self.encoder_tokens(state, step.target))
+        state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
+                   jnp.int32(step.top_k), jnp.float32(step.top_p), jnp.asarray(w))
         current = None
         continue
       if step.target != current:

@@ -196,3 +196,37 @@ def test_cached_left_to_right_decoding_matches_the_full_decoder(sampler):
   # the caption then conditions a chained image target
   chained = sampler.generate(out, [schedules.Step(DEPTH, "maskgit", 16, 0.0)], jax.random.key(2))
   assert not bool(chained[DEPTH]["input_mask"].any())
+
+
+def test_guided_caption_decoding_with_weight_one_is_the_conditional_decoding(sampler):
+  """Guidance in the cached loop: weight 1 gives the unguided (conditional) greedy caption,
+  weight 0 the caption decoded from nothing."""
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  step = lambda g: [schedules.Step("caption", "autoregressive", 12, 0.0, guidance=g)]
+  plain = sampler.generate(state, step(1.0), jax.random.key(0))["caption"]["tensor"]
+  w1 = sampler.generate(state, step(1.0), jax.random.key(0), conditions=[(RGB,)], weights=[1.0])
+  np.testing.assert_array_equal(w1["caption"]["tensor"], plain)
+  empty = sampler.init_state(2, {})
+  uncond = sampler.generate(empty, step(1.0), jax.random.key(0))["caption"]["tensor"]
+  w0 = sampler.generate(state, step(1.0), jax.random.key(0), conditions=[(RGB,)], weights=[0.0])
+  np.testing.assert_array_equal(w0["caption"]["tensor"], uncond)
+  strong = sampler.generate(state, step(3.0), jax.random.key(0))["caption"]["tensor"]
+  assert strong.shape == plain.shape
+
+
+def test_token_super_resolution_decodes_the_large_grid_from_the_small_one():
+  """The super-resolution config's use: a 4 x 4 grid given, the 8 x 8 grid of the same
+  modality generated (4M App. A.1's 14x14 -> 28x28, scaled down)."""
+  lo = modalities.Modality("tok_rgb@32", "image", vocab_size=64, grid=(4, 4))
+  hi = modalities.Modality("tok_rgb@64", "image", vocab_size=64, grid=(8, 8))
+  model = model_lib.FourM((lo, hi), (hi,), dim=32, encoder_depth=1, decoder_depth=1, num_heads=4)
+  s = sampler_lib.Sampler(model, None)
+  batch = s._batch(s.init_state(2, {}), hi.name, ())
+  s.params = jax.jit(lambda r: model.init(r, batch, s.max_encoder_tokens, 64))(
+      jax.random.key(0))["params"]
+  state = s.init_state(2, {lo.name: {"tensor": _rgb()}})
+  steps = schedules.chained([hi.name], [64], ["maskgit"], [6], temperatures=[0.5])
+  out = s.generate(state, steps, jax.random.key(1))
+  assert not bool(out[hi.name]["input_mask"].any())
+  assert out[hi.name]["tensor"].shape == (2, 64) and (np.asarray(out[hi.name]["tensor"]) < 64).all()
+  np.testing.assert_array_equal(out[lo.name]["tensor"], state[lo.name]["tensor"])
