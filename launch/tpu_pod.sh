@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# A Cloud TPU VM pod slice: create (or reuse) it, copy and install the code on every
+# worker, run the same command on all workers, stream the logs, stop cleanly.
+#
+#   launch/tpu_pod.sh [--dry-run] --name=NAME --zone=ZONE [--type=v5p-64] [--version=VERSION]
+#                     [--stop | --delete] [MODULE ARGS...]
+#
+#   launch/tpu_pod.sh --name=aim7b --zone=us-east5-a --type=v5p-256 aimjax.train \
+#       --config=configs/aim/pretrain.py:variant=7B --workdir=gs://bucket/aim7b
+#
+# Steps: `describe` the TPU and `create` it if absent; pack this checkout (without .git and
+# workdir/), `scp` it to every worker, unpack it in ~/pretrain-jax and `pip install -e .[tpu]`; run `python -m MODULE ARGS --distributed=on`
+# on all workers (--worker=all), logs appended to ~/pretrain-jax/run.log and streamed back.
+# --stop sends SIGTERM to the run on every worker: each saves a checkpoint and exits 0
+# (rerunning the same command resumes). --delete deletes the TPU. --dry-run prints the
+# gcloud commands instead of running them.
+set -euo pipefail
+dry=0
+action=run
+name=""
+zone=""
+type="v5p-8"
+version="v2-alpha-tpuv5"
+while [[ $# -gt 0 && "$1" == --* ]]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --type=*) type="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --stop) action=stop ;;
+    --delete) action=delete ;;
+    *) echo "tpu_pod.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ -z "$name" || -z "$zone" ]]; then
+  echo "tpu_pod.sh: --name and --zone are required" >&2
+  exit 2
+fi
+if [[ "$action" == run && $# -lt 1 ]]; then
+  echo "tpu_pod.sh: give MODULE [ARGS...] to run (or --stop / --delete)" >&2
+  exit 2
+fi
+tpu=(gcloud compute tpus tpu-vm)
+at=(--zone="$zone")
+show() {   # a command as one copy-pasteable line: words with spaces or shell characters in "..."
+  local out=() a
+  for a in "$@"; do
+    if [[ "$a" =~ [[:space:]\'\&\|\;\<\>\(\)] ]]; then out+=("\"${a//\"/\\\"}\""); else out+=("$a"); fi
+  done
+  echo "${out[*]}"
+}
+step() {   # prints (dry run) or runs one command
+  if [[ "$dry" -eq 1 ]]; then show "$@"; else "$@"; fi
+}
+quote() { printf '%q ' "$@"; }
+case "$action" in
+  stop)
+    step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=all \
+      --command="pkill -TERM -f 'python -m .*--distributed=on' || true"
+    ;;
+  delete)
+    step "${tpu[@]}" delete "$name" "${at[@]}" --quiet
+    ;;
+  run)
+    module="$1"; shift
+    if [[ "$dry" -eq 1 ]]; then
+      echo "$(show "${tpu[@]}" describe "$name" "${at[@]}") || $(show "${tpu[@]}" create "$name" "${at[@]}" --accelerator-type="$type" --version="$version")"
+    elif ! "${tpu[@]}" describe "$name" "${at[@]}" >/dev/null 2>&1; then
+      "${tpu[@]}" create "$name" "${at[@]}" --accelerator-type="$type" --version="$version"
+    fi
+    root="$(cd "$(dirname "$0")/.." && pwd)"
+    step tar czf /tmp/pretrain-jax.tgz -C "$root" --exclude=.git --exclude=workdir .
+    step "${tpu[@]}" scp /tmp/pretrain-jax.tgz "$name:~/" "${at[@]}" --worker=all
+    step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=all \
+      --command="mkdir -p ~/pretrain-jax && tar xzf ~/pretrain-jax.tgz -C ~/pretrain-jax && cd ~/pretrain-jax && pip install -q -e '.[tpu]'"
+    run_cmd="cd ~/pretrain-jax && python -m $(quote "$module" "$@")--distributed=on 2>&1 | tee -a run.log"
+    step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=all --command="$run_cmd"
+    ;;
+esac
