@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain_jax import positions
+from pretrain_jax import remat as remat_lib
 
 from aimjax import objective
 from pretrain_jax import flops as flops_lib
 
 HEADS = ("mlp", "transformer", "none")
-REMAT = ("none", "block", "dots")
+REMAT = remat_lib.POLICIES
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:
@@ -173,12 +174,7 @@ class MlpBlock(nn.Module):
     return _constrain(x)
 
 
-def _maybe_remat(cls, remat: str):
-  if remat == "none":
-    return cls
-  policy = (jax.checkpoint_policies.nothing_saveable if remat == "block"
-            else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return nn.remat(cls, policy=policy)
+_maybe_remat = remat_lib.wrap
 
 
 class AIM(nn.Module):

@@ -42,7 +42,7 @@ def models():
   mid = load_config("4m7_B")
   mid.model.encoder_depth = mid.model.decoder_depth = 2
   for c in (tiny, mid):
-    c.model.remat = False
+    c.model.remat = "none"
     c.model.dtype = "bfloat16" if jax.devices()[0].platform != "cpu" else "float32"
   return {"tiny": (tiny, 16), "B width, 2+2 blocks, 4M-7 @224": (mid, 4)}
 

@@ -45,7 +45,7 @@ def configs():
   mid = load_config("4m7_B")
   mid.batch_size = 8
   mid.model.encoder_depth = mid.model.decoder_depth = 2
-  mid.model.remat = False
+  mid.model.remat = "none"
   on_accelerator = jax.devices()[0].platform != "cpu"
   for c in (tiny, mid):
     c.model.dtype = "bfloat16" if on_accelerator else "float32"

@@ -36,6 +36,7 @@ import numpy as np
 
 from fourm_jax.modalities import Modality
 from pretrain_jax import positions
+from pretrain_jax import remat as remat_lib
 
 Batch = dict[str, dict[str, jax.Array]]
 
@@ -230,8 +231,7 @@ def patchify(images, p: int):
   return t.reshape(b, (hh // p) * (ww // p), p * p * c)
 
 
-def _remat(cls, remat: bool):
-  return nn.remat(cls, policy=jax.checkpoint_policies.nothing_saveable) if remat else cls
+_remat = remat_lib.wrap
 
 
 def _embed_init():
@@ -250,7 +250,7 @@ class FourM(nn.Module):
   qk_norm: bool = False
   tie_embeddings: bool = True     # decoder token embedding doubles as the output layer
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = "none"             # 'none' | 'block' | 'dots' (pretrain_jax.remat; bools too)
   ffn: str = "swiglu"             # 'swiglu' | 'gelu'
   use_bias: bool = False          # biases in attention and feed-forward layers
 
@@ -508,8 +508,8 @@ def from_config(model_cfg) -> FourM:
                num_heads=model_cfg.get("num_heads", 0) or heads,
                qk_norm=model_cfg.get("qk_norm", False),
                tie_embeddings=model_cfg.get("tie_embeddings", True), dtype=dtype,
-               remat=model_cfg.get("remat", False), ffn=model_cfg.get("ffn", "swiglu"),
-               use_bias=model_cfg.get("use_bias", False))
+               remat=remat_lib.policy_name(model_cfg.get("remat", "none")),
+               ffn=model_cfg.get("ffn", "swiglu"), use_bias=model_cfg.get("use_bias", False))
 
 
 def count_params(params, embeddings: bool = False) -> int:

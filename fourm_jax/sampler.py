@@ -225,7 +225,7 @@ class Sampler:
     key = (target, "autoregressive", groups, guided, n_enc)
     if key not in self._steps:
       m = self.modalities[target]
-      dec = self.model.clone(remat=False)
+      dec = self.model.clone(remat="none")
       length = m.length
       variants = list(groups) + ([()] if guided else [])
 

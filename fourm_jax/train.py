@@ -20,6 +20,7 @@ import numpy as np
 
 from fourm_jax import masking, modalities, model as model_lib
 from pretrain_jax import cli, loop
+from pretrain_jax import remat as remat_lib
 from pretrain_jax.data import multimodal, pipeline, transforms
 
 
@@ -49,7 +50,7 @@ def build_model(config) -> model_lib.FourM:
                          num_heads=m.get("num_heads", 0) or heads, qk_norm=m.qk_norm,
                          tie_embeddings=m.tie_embeddings,
                          dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-                         remat=m.remat, ffn=m.get("ffn", "swiglu"),
+                         remat=remat_lib.policy_name(m.remat), ffn=m.get("ffn", "swiglu"),
                          use_bias=m.get("use_bias", False))
 
 

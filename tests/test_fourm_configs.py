@@ -57,7 +57,7 @@ def test_variant_builds_its_model_masking_and_datasets(variant):
     tokens = {"4m21": 512, "sr": 2048}.get(variant.split("_")[0], 256)
     total = cfg.total_steps * cfg.batch_size * tokens
     assert abs(total - (100e9 if variant.split("_")[0] in ("ref", "sr") else 500e9)) < 1e-3 * total
-    assert cfg.model.dtype == "bfloat16" and cfg.model.remat
+    assert cfg.model.dtype == "bfloat16" and cfg.model.remat == "block"
 
 
 def test_4m21_co_trains_three_datasets_with_the_official_strategy_mixture():

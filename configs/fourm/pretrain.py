@@ -141,7 +141,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.model.qk_norm = False
   c.model.tie_embeddings = True
   c.model.dtype = "float32" if tiny else "bfloat16"
-  c.model.remat = not tiny
+  c.model.remat = "none" if tiny else "block"   # 'none' | 'block' | 'dots' (pretrain_jax.remat)
   if tiny:
     mods = ("rgb@32", "tok_rgb@32", "tok_depth@32", "caption")
     c.model.inputs, c.model.targets = mods, mods[1:]
