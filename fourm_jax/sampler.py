@@ -51,7 +51,13 @@ State = dict[str, dict[str, jax.Array]]
 
 def filter_logits(logits, top_k, top_p):
   """Top-k (k > 0) then nucleus (0 < p < 1) filtering of [..., V] logits with traced k and p:
-  filtered-out entries become -inf; the most likely token always stays."""
+  filtered-out entries become -inf; the most likely token always stays. With both off the
+  logits pass through (the sort is skipped at run time)."""
+  active = (jnp.asarray(top_k) > 0) | ((jnp.asarray(top_p) > 0) & (jnp.asarray(top_p) < 1))
+  return jax.lax.cond(active, lambda l: _filter(l, top_k, top_p), lambda l: l, logits)
+
+
+def _filter(logits, top_k, top_p):
   v = logits.shape[-1]
   srt = jnp.sort(logits, axis=-1)[..., ::-1]
   k = jnp.clip(jnp.asarray(top_k, jnp.int32), 0, v)
