@@ -189,8 +189,9 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
 
 
 def main(argv):
-  from absl import flags
+  from absl import flags, logging as absl_logging
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)     # no checkpoint-library chatter
   f = flags.FLAGS
   if not f.workdir or not f.targets or not f.out:
     print("error: --workdir, --targets and --out are required", file=sys.stderr)
@@ -210,7 +211,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  flags.DEFINE_string("workdir", "", "A fourm_jax.train workdir.")
+  from pretrain_jax import cli  # noqa: F401  (defines --workdir: the fourm_jax.train workdir)
   flags.DEFINE_multi_string("condition", [], "MODALITY:VALUE (text, image file or .npy).")
   flags.DEFINE_string("targets", "", "Comma-separated modalities to generate, in order.")
   flags.DEFINE_string("tokenizers", "", "Comma-separated tokenizers_jax.train workdirs.")

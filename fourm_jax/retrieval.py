@@ -53,8 +53,9 @@ def predict_embeddings(sampler: sampler_lib.Sampler, given: dict, target: str, t
 
 
 def main(argv):
-  from absl import flags
+  from absl import flags, logging as absl_logging
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)     # no checkpoint-library chatter
   f = flags.FLAGS
   try:
     from fourm_jax import generate, load as load_lib
@@ -90,7 +91,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  flags.DEFINE_string("workdir", "", "A fourm_jax.train workdir.")
+  from pretrain_jax import cli  # noqa: F401  (defines --workdir: the fourm_jax.train workdir)
   flags.DEFINE_multi_string("condition", [], "MODALITY:VALUE (text, image file or .npy).")
   flags.DEFINE_string("target", "", "The global-embedding modality to predict.")
   flags.DEFINE_string("tokenizer", "", "The target's MLP dVAE (tokenizers_jax.train workdir).")

@@ -208,6 +208,14 @@ def test_generate_cli_writes_images_and_captions(trained, token_shards, tmp_path
   assert toks["tok_depth_at_32"].shape == (2, 16) and (toks["tok_depth_at_32"] < 256).all()
   with pytest.raises(ValueError, match="no modality of the model matches 'normals'"):
     generate.run(workdir, [], ["normals"], str(tmp_path / "bad"))
+  # the command line
+  proc = subprocess.run([sys.executable, "-m", "fourm_jax.generate", f"--workdir={workdir}",
+                         f"--condition=rgb:{tmp_path}/scene.png", "--targets=caption,depth",
+                         f"--tokenizers={root / 'tok_depth'}", f"--text_tokenizer={root / 'text.json'}",
+                         "--num_samples=1", "--steps=2", f"--out={tmp_path / 'cli'}"],
+                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("caption: ") and (tmp_path / "cli" / "generations.png").exists()
 
 
 def test_tiny_4m_generates_depth_from_rgb_better_than_the_mean_depth(trained, token_shards):
