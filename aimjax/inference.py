@@ -65,9 +65,8 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
       cfg = json.load(f)
     model = _model_from_config(cfg["model"])
-    import orbax.checkpoint as ocp
-    state = ocp.StandardCheckpointer().restore(checkpoint.state_dir(path, step))
-    return model, state["params"], preprocessing(model.image_size)
+    params = checkpoint.restore_parts(path, ("params",), step)["params"]
+    return model, params, preprocessing(model.image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no AIM checkpoint or variant named {path!r}; variants: "
                             f"{list(VARIANTS)}")

@@ -13,8 +13,9 @@ shards (fourm_jax.pseudo_label's output, whose labels are exact for scenes):
 Each is set beside two references: the tokenizer bound (the ground truth
 encoded and decoded, what a perfect 4M would get) and the trivial
 prediction (the mean depth, the mean normal, the most frequent class, no
-boxes). With `ensemble` > 1 that many samples are generated per image and
-averaged (depth, normals) or voted (classes), as 4M-21 App. C.2.
+boxes). With `ensemble` > 1 (and a temperature > 0) that many samples are
+generated per image and averaged (depth, normals) or voted (classes), as
+4M-21 App. C.2; sequences are scored on their first sample.
 """
 from __future__ import annotations
 
@@ -127,6 +128,9 @@ def evaluate(model, params, records: Sequence[dict], tokenizers: dict, targets: 
   """{target: {"model", "tokenizer_bound", "baseline", "metric"}} on labelled `records`
   (dicts with image and the labels), RGB pixels as the only condition."""
   from tokenizers_jax import sequences, text
+  if ensemble > 1 and temperature <= 0:
+    raise ValueError("an ensemble needs sampling (temperature > 0): at temperature 0 every "
+                     "member is the same")
   pixels = [m for m in model.inputs if m.kind == "pixels"]
   if not pixels:
     raise ValueError("the model has no RGB pixel input to condition on")

@@ -147,7 +147,8 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
   for name in target_names:
     m = sampler.modalities[name]
     if m.kind == "seq":
-      plan.append(schedules.Step(name, "autoregressive", m.length, temperature, top_k, top_p))
+      plan.append(schedules.Step(name, "autoregressive", m.length, temperature, top_k, top_p,
+                                 guidance))
     else:
       if not tokenizer_kind(name) in tokenizers:
         raise ValueError(f"target {name}: no --tokenizers entry to detokenize it "

@@ -8,7 +8,6 @@ import json
 import os
 
 import ml_collections
-import orbax.checkpoint as ocp
 
 from pretrain_jax import checkpoint
 
@@ -22,5 +21,5 @@ def load(workdir: str, step: int | None = None):
   with open(path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   model = train_lib.build_model(config)
-  params = ocp.StandardCheckpointer().restore(checkpoint.state_dir(workdir, step))["params"]
+  params = checkpoint.restore_parts(workdir, ("params",), step)["params"]
   return model, params, config

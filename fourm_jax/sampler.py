@@ -44,7 +44,8 @@ import numpy as np
 from fourm_jax import model as model_lib
 from fourm_jax import schedules
 from fourm_jax.masking import SENTINEL_BASE
-from tokenizers_jax.text import EOS_ID, PAD_ID
+from pretrain_jax.data import transforms
+from tokenizers_jax.text import EOS_ID, NUM_SENTINELS, PAD_ID
 
 State = dict[str, dict[str, jax.Array]]
 
@@ -101,7 +102,7 @@ class Sampler:
   def init_state(self, batch_size: int, given: Mapping[str, Mapping[str, np.ndarray]]) -> State:
     """Every modality of the model, empty unless `given` ({name: {"tensor", optional
     "input_mask"}}; without a mask every token of the tensor is known). Sequences are given
-    as ids from slot 0 (PAD after them is not known)."""
+    as ids from slot 0 (PAD is never known); uint8 pixels are ImageNet-normalised."""
     unknown = sorted(set(given) - set(self.modalities))
     if unknown:
       raise ValueError(f"modalities {unknown} are not in the model ({sorted(self.modalities)})")
@@ -120,7 +121,10 @@ class Sampler:
         state[name] = {"tensor": np.zeros(shape, dtype), "input_mask": np.ones((batch_size, n),
                                                                                 bool)}
         continue
-      t = np.asarray(g["tensor"], dtype)
+      t = np.asarray(g["tensor"])
+      if m.kind == "pixels" and t.dtype == np.uint8:      # as the training step does
+        t = np.asarray(transforms.normalize_images(t))
+      t = t.astype(dtype)
       if m.kind in ("image", "global"):
         t = t.reshape(batch_size, n)
       if m.kind in ("seq", "seq_emb") and t.shape[1] < n:     # pad sequences to their slots
@@ -129,6 +133,8 @@ class Sampler:
         t = np.pad(t, pad)
       else:
         mask = np.zeros((batch_size, n), bool)
+      if m.kind == "seq":
+        mask = t == PAD_ID                                # PAD is never a given token
       if t.shape != shape:
         raise ValueError(f"{name}: tensor of shape {t.shape}, expected {shape}")
       if "input_mask" in g:
@@ -245,13 +251,18 @@ class Sampler:
         b, k = state[target]["tensor"].shape[0], len(variants)
         tile = lambda tok: jnp.tile(tok, k)
         combine = (lambda l: guide(l.reshape(k, b, -1), weights)) if guided else (lambda l: l)
+        vocab = jnp.arange(m.vocab_size)
+        banned = (vocab == PAD_ID) | ((vocab >= SENTINEL_BASE) &
+                                      (vocab < SENTINEL_BASE + NUM_SENTINELS))
         start = jnp.full((b,), SENTINEL_BASE + 1, jnp.int32)       # [S_1]: the one span
         logits, cache = dec.apply(variables, tile(start), 0, target, ctx, valid, length,
                                   method=dec.decode_token, mutable=["cache"])
 
         def body(t, carry):
           seq, cache, logits, done = carry
-          logits = filter_logits(combine(logits), top_k, top_p)
+          # a generated span holds words only: no PAD, no sentinel before its EOS
+          logits = jnp.where(banned, -jnp.inf, combine(logits))
+          logits = filter_logits(logits, top_k, top_p)
           greedy = temperature <= 1e-6
           sampled = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(
               jax.random.fold_in(rng, t), logits / jnp.where(greedy, 1.0, temperature), -1))

@@ -11,7 +11,7 @@ Token schedules split a target's tokens over its steps ('cosine': few tokens
 first, as MaskGIT; 'linear': equal parts, the larger first). Temperature
 schedules: 'constant', 'linear' (decays as the tokens get decoded) and
 'onex:MIN:POWER' (one over x). Guidance schedules: 'constant', or 'cosine'
-(the scale decays to 0 over the steps).
+(the scale decays towards 1, the unguided logits, over the steps).
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def temperature_schedule(kind: str, temperature: float, tokens: np.ndarray) -> n
 def guidance_schedule(kind: str, scale: float, steps: int) -> np.ndarray:
   if kind == "constant":
     return np.full(steps, float(scale))
-  if kind == "cosine":
-    return np.array([scale * 0.5 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)])
+  if kind == "cosine":     # from `scale` down towards 1 (the plain conditional logits)
+    return np.array([1 + (scale - 1) * 0.5 * (1 + math.cos(math.pi * i / steps))
+                     for i in range(steps)])
   raise ValueError(f"unknown guidance schedule {kind!r}; use 'constant' or 'cosine'")
 
 

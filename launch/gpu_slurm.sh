@@ -45,7 +45,7 @@ else
   tasks="$gpus"
   gpu_bind=(--gpus-per-task=1)
 fi
-cmd=(srun --nodes="$nodes" --ntasks-per-node="$tasks" "${gpu_bind[@]}"
+cmd=(srun --nodes="$nodes" --ntasks-per-node="$tasks" ${gpu_bind[@]+"${gpu_bind[@]}"}
      python -m "$module" "$@" --distributed=on)
 if [[ "$dry" -eq 1 ]]; then
   echo "XLA_FLAGS=$XLA_FLAGS NCCL_DEBUG=$NCCL_DEBUG XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION"

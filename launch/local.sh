@@ -28,8 +28,8 @@ if [[ "$fake" -gt 0 ]]; then
   env_prefix=(env "XLA_FLAGS=--xla_force_host_platform_device_count=$fake" JAX_PLATFORMS=cpu)
 fi
 if [[ "$dry" -eq 1 ]]; then
-  printf '%s\n' "${env_prefix[*]:+${env_prefix[*]} }${cmd[*]}"
+  printf '%s\n' "${env_prefix[*]+${env_prefix[*]} }${cmd[*]}"
   exit 0
 fi
 cd "$(dirname "$0")/.."
-exec "${env_prefix[@]}" "${cmd[@]}"
+exec ${env_prefix[@]+"${env_prefix[@]}"} "${cmd[@]}"

@@ -10,7 +10,8 @@
 #
 # Steps: `describe` the TPU and `create` it if absent; pack this checkout (without .git and
 # workdir/), `scp` it to every worker, unpack it in ~/pretrain-jax and `pip install -e .[tpu]`; run `python -m MODULE ARGS --distributed=on`
-# on all workers (--worker=all), logs appended to ~/pretrain-jax/run.log and streamed back.
+# on all workers (--worker=all), detached from ssh, logs appended to ~/pretrain-jax/run.log;
+# worker 0's log is streamed back.
 # --stop sends SIGTERM to the run on every worker: each saves a checkpoint and exits 0
 # (rerunning the same command resumes). --delete deletes the TPU. --dry-run prints the
 # gcloud commands instead of running them.
@@ -58,7 +59,7 @@ quote() { printf '%q ' "$@"; }
 case "$action" in
   stop)
     step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=all \
-      --command="pkill -TERM -f 'python -m .*--distributed=on' || true"
+      --command="pkill -TERM -f '[p]ython -m .*--distributed=on' || true"
     ;;
   delete)
     step "${tpu[@]}" delete "$name" "${at[@]}" --quiet
@@ -75,7 +76,10 @@ case "$action" in
     step "${tpu[@]}" scp /tmp/pretrain-jax.tgz "$name:~/" "${at[@]}" --worker=all
     step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=all \
       --command="mkdir -p ~/pretrain-jax && tar xzf ~/pretrain-jax.tgz -C ~/pretrain-jax && cd ~/pretrain-jax && pip install -q -e '.[tpu]'"
-    run_cmd="cd ~/pretrain-jax && python -m $(quote "$module" "$@")--distributed=on 2>&1 | tee -a run.log"
+    # detached from the ssh session (a dropped connection must not kill the run), then the
+    # first worker's log is streamed; ctrl-C stops the streaming, not the run
+    run_cmd="cd ~/pretrain-jax && setsid nohup python -m $(quote "$module" "$@")--distributed=on >> run.log 2>&1 < /dev/null &"
     step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=all --command="$run_cmd"
+    step "${tpu[@]}" ssh "$name" "${at[@]}" --worker=0 --command="tail -n +1 -F ~/pretrain-jax/run.log"
     ;;
 esac

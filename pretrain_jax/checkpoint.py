@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -95,6 +96,23 @@ def state_dir(workdir: str, step: int | None = None) -> str:
   return os.path.join(ckpt_dir, str(steps[-1] if step is None else step), "state")
 
 
+def restore_parts(workdir: str, parts=("params",), step: int | None = None) -> dict:
+  """Parts of a workdir's train state (default: the params) as host numpy arrays, read alone:
+  nothing else is loaded (no optimizer moments), and the saved device layout is not needed,
+  so a run trained on a pod loads on one host."""
+  path = state_dir(workdir, step)
+  tree = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
+  missing = [p for p in parts if p not in tree]
+  if missing:
+    raise ValueError(f"checkpoint {path} has no {missing} (it has {sorted(tree)})")
+  sub = {p: tree[p] for p in parts}
+  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), sub)
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+
+
 def warm_start(params: Any, workdir: str, shardings: Any = None) -> tuple[Any, dict]:
   """`params` with every leaf that a checkpoint of `workdir` holds under the same path and
   shape replaced by the checkpoint's (placed with `shardings`, a matching tree).
@@ -104,7 +122,7 @@ def warm_start(params: Any, workdir: str, shardings: Any = None) -> tuple[Any, d
   model). This is how a run starts from another (4M-21 from 4M-7, super-resolution from
   4M-L): new modalities' embeddings keep their fresh initialisation.
   """
-  source = ocp.StandardCheckpointer().restore(state_dir(workdir))["params"]
+  source = restore_parts(workdir)["params"]
   flat_src = {jax.tree_util.keystr(k): v for k, v in
               jax.tree_util.tree_flatten_with_path(source)[0]}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -75,7 +75,8 @@ def test_4m21_co_trains_three_datasets_with_the_official_strategy_mixture():
   assert masker.strategies[0].keep["color_palette"] == "binary"
   # the coyo masker covers only its 8 modalities, with the same mixture
   coyo = fourm_train.build_masker(cfg, model, "coyo")
-  assert len(coyo.modalities) == 8 and len(coyo.strategies) == 7
+  assert len(coyo.modalities) == 8 and [s.name for s in coyo.strategies][-1] == "caption_biased"
+  assert len(coyo.strategies) == 6                   # no T5 embeddings: no T5-biased strategy
 
 
 def test_bad_dataset_configs_are_refused_naming_the_key():

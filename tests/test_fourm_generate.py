@@ -166,7 +166,10 @@ def _uncached_greedy(sampler, state, target, steps):
     y, _, _, valid = model.apply({"params": sampler.params}, batch, sampler.max_encoder_tokens,
                                  t + 1)
     logits = model.apply({"params": sampler.params}, y, target, method=model.logits)
-    nxt = np.argmax(np.asarray(logits)[:, t - 1], -1)
+    last = np.array(logits[:, t - 1])
+    last[:, 0] = -np.inf                               # PAD and sentinels are never generated
+    last[:, masking_sentinel() - 1:masking_sentinel() + 199] = -np.inf
+    nxt = np.argmax(last, -1)
     seqs = np.concatenate([seqs, nxt[:, None]], 1)
   return seqs[:, 1:]
 
@@ -230,3 +233,24 @@ def test_token_super_resolution_decodes_the_large_grid_from_the_small_one():
   assert not bool(out[hi.name]["input_mask"].any())
   assert out[hi.name]["tensor"].shape == (2, 64) and (np.asarray(out[hi.name]["tensor"]) < 64).all()
   np.testing.assert_array_equal(out[lo.name]["tensor"], state[lo.name]["tensor"])
+
+
+def test_cached_decoding_with_qk_norm_and_biases_matches_the_full_decoder():
+  """The cache path of the other attention variants (QK-norm on cached keys, biases on
+  cached cross-attention values): the ablation reference model uses biases."""
+  mods = modalities.get([RGB, DEPTH, "caption"], REG)
+  model = model_lib.FourM(mods, mods, dim=32, encoder_depth=1, decoder_depth=2, num_heads=4,
+                          qk_norm=True, use_bias=True, ffn="gelu")
+  s = sampler_lib.Sampler(model, None)
+  batch = s._batch(s.init_state(2, {}), DEPTH, ())
+  params = jax.jit(lambda r: model.init(r, batch, s.max_encoder_tokens, 16))(jax.random.key(5))
+  # non-zero biases, so that skipping one would show
+  s.params = jax.tree.map(lambda x: x + 0.05, params["params"])
+  state = s.init_state(2, {RGB: {"tensor": _rgb()}})
+  out = s.generate(state, [schedules.Step("caption", "autoregressive", 12, 0.0)],
+                   jax.random.key(0))
+  want = _uncached_greedy(s, state, "caption", 4)
+  from tokenizers_jax.text import EOS_ID
+  for row, ref in zip(np.asarray(out["caption"]["tensor"]), want):
+    end = list(ref).index(EOS_ID) + 1 if EOS_ID in ref else len(ref)
+    np.testing.assert_array_equal(row[:end], ref[:end])

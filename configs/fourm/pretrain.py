@@ -191,7 +191,9 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   elif family == "4m21":
     c.data.datasets = ml_collections.ConfigDict({
         "cc12m": dataset(fields={n: FIELDS[n] for n in FOURM21}, weight=0.6, repeats=repeats),
-        "coyo": dataset(fields={n: FIELDS[n] for n in FOURM7}, weight=0.2, repeats=1),
+        # no T5 embeddings: the mixture without its T5-biased strategy
+        "coyo": dataset(fields={n: FIELDS[n] for n in FOURM7}, weight=0.2, repeats=1,
+                        strategies=_mixture_4m21()[:-1]),
         # text only: span masking of the caption alone (language modelling)
         "c4": dataset(fields={"caption": "caption"}, weight=0.2, strategies=[all2all(1.0)]),
     })

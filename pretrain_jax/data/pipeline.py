@@ -170,8 +170,8 @@ class RepeatEach(grain.MapDataset):
   Repeated sampling (4M App. E.7, after Feichtenhofer et al.): put it before
   the per-index random transform (masking), so each record is seen n times an
   epoch, each time with fresh randomness, and follow it by a window shuffle
-  (`repeated`) so the copies land in different batches. The last `cache`
-  records read are kept, so the copies of a record decode it once.
+  (`repeated`) that mixes the copies with those of nearby records. The last
+  `cache` records read are kept, so the copies of a record decode it once.
   """
 
   def __init__(self, parent: grain.MapDataset, n: int, cache: int = 64):
@@ -208,8 +208,9 @@ class RepeatEach(grain.MapDataset):
 
 def repeated(ds: grain.MapDataset, n: int, seed: int, window: int = 256) -> grain.MapDataset:
   """`ds` (already shuffled) with each record n times, the copies shuffled within windows of
-  `window` records (n * window elements), so they fall in different batches; n = 1 returns
-  `ds` unchanged."""
+  `window` records (n * window elements): like the official loader's shuffle buffer after
+  repeating, copies stay close in the stream (with n * window <= the batch they share a
+  global batch, spread over its rows and devices). n = 1 returns `ds` unchanged."""
   if n == 1:
     return ds
   window = max(int(window), 1)
