@@ -89,10 +89,16 @@ def strategy(name: str, names: Sequence[str], *, input_alpha: float = 0.0,
   return Strategy(name, ins, tgts, {k: v for k, v in keep.items() if k in names}, weight)
 
 
+def slots(m: Modality) -> int:
+  """Positions a modality takes in a masked sample: a sequence's input and target layouts
+  (2 (L + 1)), else its token count."""
+  return 2 * (m.length + 1) if m.kind == "seq" else m.num_tokens
+
+
 def empty(m: Modality) -> dict:
   """A modality a sample does not have (a dataset without it): nothing given, nothing
   predicted, with the shapes the masking gives it (zeros; PAD for token ids)."""
-  n = 2 * (m.length + 1) if m.kind == "seq" else m.num_tokens
+  n = slots(m)
   if m.kind == "pixels":
     tensor = np.zeros((m.grid[0] * m.patch_size, m.grid[1] * m.patch_size, m.channels), np.uint8)
   elif m.kind == "seq_emb":
@@ -290,7 +296,7 @@ class UnifiedMasking:
     inputs, target = self._span(rng, m, ids, n_in, keep, self.chunks.get(m.name, 0))
     if len(target) > n_tgt:
       target = _truncate_target(rng, target, n_tgt) if n_tgt else target[:0]
-    size = 2 * (m.length + 1)
+    size = slots(m)
     tensor = np.full(size, PAD_ID, np.int32)
     input_mask, target_mask = np.ones(size, bool), np.ones(size, bool)
     att = np.zeros(size, np.int32)

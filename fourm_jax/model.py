@@ -493,15 +493,21 @@ def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
   return sum(per_mod.values()) / len(per_mod), per_mod
 
 
-def from_config(model_cfg) -> FourM:
-  """model_cfg: size, inputs, targets (registry names), and optional overrides."""
+def from_config(model_cfg, registry=None) -> FourM:
+  """model_cfg: size, inputs, targets (names in `registry`, default the module's), and
+  optional overrides (dim, depths, heads, qk_norm, tie_embeddings, dtype, remat, ffn,
+  use_bias); a bad value raises naming its `model.` config key."""
   from fourm_jax import modalities
   size = model_cfg.get("size", "B")
   if size not in SIZES:
-    raise ValueError(f"unknown 4M size {size!r}; known: {list(SIZES)}")
+    raise ValueError(f"config key 'model.size': unknown {size!r}; known: {list(SIZES)}")
+  ffn = model_cfg.get("ffn", "swiglu")
+  if ffn not in ("swiglu", "gelu"):
+    raise ValueError(f"config key 'model.ffn': unknown {ffn!r}; use 'swiglu' or 'gelu'")
   enc, dec, dim, heads = SIZES[size]
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
-  return FourM(modalities.get(model_cfg.inputs), modalities.get(model_cfg.targets),
+  return FourM(modalities.get(model_cfg.inputs, registry),
+               modalities.get(model_cfg.targets, registry),
                dim=model_cfg.get("dim", 0) or dim,
                encoder_depth=model_cfg.get("encoder_depth", 0) or enc,
                decoder_depth=model_cfg.get("decoder_depth", 0) or dec,
@@ -509,7 +515,7 @@ def from_config(model_cfg) -> FourM:
                qk_norm=model_cfg.get("qk_norm", False),
                tie_embeddings=model_cfg.get("tie_embeddings", True), dtype=dtype,
                remat=remat_lib.policy_name(model_cfg.get("remat", "none")),
-               ffn=model_cfg.get("ffn", "swiglu"), use_bias=model_cfg.get("use_bias", False))
+               ffn=ffn, use_bias=model_cfg.get("use_bias", False))
 
 
 def count_params(params, embeddings: bool = False) -> int:

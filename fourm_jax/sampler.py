@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fourm_jax import model as model_lib
-from fourm_jax import schedules
+from fourm_jax import masking, schedules
 from fourm_jax.masking import SENTINEL_BASE
 from pretrain_jax.data import transforms
 from tokenizers_jax.text import EOS_ID, NUM_SENTINELS, PAD_ID
@@ -95,9 +95,7 @@ class Sampler:
     self._steps = {}
 
   # ---- state ----------------------------------------------------------------------------------
-  @staticmethod
-  def _length(m) -> int:
-    return 2 * (m.length + 1) if m.kind == "seq" else m.num_tokens
+  _length = staticmethod(masking.slots)
 
   def init_state(self, batch_size: int, given: Mapping[str, Mapping[str, np.ndarray]]) -> State:
     """Every modality of the model, empty unless `given` ({name: {"tensor", optional

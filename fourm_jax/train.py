@@ -20,7 +20,6 @@ import numpy as np
 
 from fourm_jax import masking, modalities, model as model_lib
 from pretrain_jax import cli, loop
-from pretrain_jax import remat as remat_lib
 from pretrain_jax.data import multimodal, pipeline, transforms
 
 
@@ -36,22 +35,7 @@ def registry(config) -> dict[str, modalities.Modality]:
 
 
 def build_model(config) -> model_lib.FourM:
-  reg = registry(config)
-  m = config.model
-  if m.size not in model_lib.SIZES:
-    raise ValueError(f"config key 'model.size': unknown {m.size!r}; known: "
-                     f"{list(model_lib.SIZES)}")
-  if m.get("ffn", "swiglu") not in ("swiglu", "gelu"):
-    raise ValueError(f"config key 'model.ffn': unknown {m.ffn!r}; use 'swiglu' or 'gelu'")
-  enc, dec, dim, heads = model_lib.SIZES[m.size]
-  return model_lib.FourM(modalities.get(m.inputs, reg), modalities.get(m.targets, reg),
-                         dim=m.get("dim", 0) or dim, encoder_depth=m.get("encoder_depth", 0) or enc,
-                         decoder_depth=m.get("decoder_depth", 0) or dec,
-                         num_heads=m.get("num_heads", 0) or heads, qk_norm=m.qk_norm,
-                         tie_embeddings=m.tie_embeddings,
-                         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-                         remat=remat_lib.policy_name(m.remat), ffn=m.get("ffn", "swiglu"),
-                         use_bias=m.get("use_bias", False))
+  return model_lib.from_config(config.model, registry(config))
 
 
 def _strategy(s, names, inputs_only, targets_only) -> masking.Strategy:
@@ -116,27 +100,21 @@ class _Mask(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     sample = {m: element[f] for m, f in self.fields.items() if m in self.masker.names}
     out = self.masker(sample, rng)
-    out.update({k: {kk: vv.copy() for kk, vv in v.items()} for k, v in self.absent.items()})
+    out.update(self.absent)           # read-only: batching copies them
     out["dataset"] = np.int32(self.dataset_id)
     out["valid"] = np.float32(element.get("valid", 1.0))
     return out
 
 
 def dummy_batch(model: model_lib.FourM, b: int = 1) -> dict:
-  """Zeros with the shapes the masking produces (for init and ahead-of-time compilation)."""
+  """Zeros with the shapes the masking produces (for init and ahead-of-time compilation);
+  pixels as float32, as the step sees them."""
   batch = {}
   for m in {m.name: m for m in (*model.inputs, *model.targets)}.values():
-    n = 2 * (m.length + 1) if m.kind == "seq" else m.num_tokens
+    empty = masking.empty(m)
     if m.kind == "pixels":
-      t = np.zeros((b, m.grid[0] * m.patch_size, m.grid[1] * m.patch_size, m.channels),
-                   np.float32)
-    elif m.kind == "seq_emb":
-      t = np.zeros((b, n, m.emb_dim), np.float32)
-    else:
-      t = np.zeros((b, n), np.int32)
-    batch[m.name] = {"tensor": t, "input_mask": np.ones((b, n), bool),
-                     "target_mask": np.ones((b, n), bool),
-                     "decoder_attention_mask": np.zeros((b, n), np.int32)}
+      empty["tensor"] = empty["tensor"].astype(np.float32)
+    batch[m.name] = {k: np.repeat(v[None], b, 0) for k, v in empty.items()}
   return batch
 
 
@@ -147,7 +125,7 @@ def build_task(config) -> loop.Task:
   names = list(all_ds)
   maskers, fields = {}, {}
   for name, ds in all_ds.items():
-    fields[name] = {m: f for m, f in dict(ds.fields).items()}
+    fields[name] = dict(ds.fields)
     unknown = sorted(set(fields[name]) - {m.name for m in mods})
     if unknown:
       raise ValueError(f"config key 'data.datasets.{name}.fields' maps modalities {unknown} "
