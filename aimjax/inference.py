@@ -18,7 +18,7 @@ import numpy as np
 
 from aimjax import convert
 from aimjax import model as model_lib
-from pretrain_jax import checkpoint, export, partitioning
+from pretrain_jax import checkpoint, export, partitioning, scan
 from pretrain_jax.data import transforms
 
 # Official variants: width, depth, heads (paper Table 1).
@@ -64,8 +64,11 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
   if os.path.isdir(path):
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
       cfg = json.load(f)
-    model = _model_from_config(cfg["model"])
     params = checkpoint.restore_parts(path, ("params",), step)["params"]
+    if cfg["model"].get("scan_layers"):   # trained scanned; features need the blocks unrolled
+      params = scan.unstack(params)
+      cfg["model"]["scan_layers"] = False
+    model = _model_from_config(cfg["model"])
     return model, params, preprocessing(model.image_size)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no AIM checkpoint or variant named {path!r}; variants: "

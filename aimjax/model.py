@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain_jax import positions
+from pretrain_jax import attention as attention_lib
 from pretrain_jax import remat as remat_lib
+from pretrain_jax import scan as scan_lib
 
 from aimjax import objective
 from pretrain_jax import flops as flops_lib
@@ -201,6 +203,7 @@ class AIM(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
+  scan_layers: bool = False     # trunk and head blocks as one scan each (pretrain_jax.scan)
   lora: LoRA = LoRA()          # adapters on the trunk only (downstream tuning)
 
   @property
@@ -216,9 +219,9 @@ class AIM(nn.Module):
     self.patch_embed = _dense(self.width, ("patch", "embed"), use_bias=True, name="patch_embed",
                               **kw)
     self.patch_norm = _norm("patch_norm", **kw)
-    block = _maybe_remat(Block, self.remat)
-    self.blocks = [block(self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                         lora=self.lora, name=f"blocks_{i}", **kw) for i in range(self.depth)]
+    trunk_kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    attention_impl=self.attention_impl, lora=self.lora, **kw)
+    self.blocks = self._blocks(Block, self.depth, trunk_kw, "blocks")
     self.post_trunk_norm = _norm("post_trunk_norm", **kw)
     out = self.patch_size * self.patch_size * 3
     if self.head == "none":
@@ -226,17 +229,21 @@ class AIM(nn.Module):
       return
     self.head_in = _dense(self.head_width, ("embed", "mlp"), name="head_in", **kw)
     if self.head == "mlp":
-      head_block = _maybe_remat(MlpBlock, self.remat)
-      self.head_blocks = [head_block(self.mlp_ratio, name=f"head_blocks_{i}", **kw)
-                          for i in range(self.head_depth)]
+      self.head_blocks = self._blocks(MlpBlock, self.head_depth,
+                                      dict(mlp_ratio=self.mlp_ratio, **kw), "head_blocks")
     else:
-      head_block = _maybe_remat(Block, self.remat)
-      self.head_blocks = [head_block(self.head_num_heads, self.mlp_ratio,
-                                     attention_impl=self.attention_impl,
-                                     name=f"head_blocks_{i}", **kw)
-                          for i in range(self.head_depth)]
+      self.head_blocks = self._blocks(
+          Block, self.head_depth, dict(num_heads=self.head_num_heads, mlp_ratio=self.mlp_ratio,
+                                       attention_impl=self.attention_impl, **kw), "head_blocks")
     self.head_norm = _norm("head_norm", **kw)
     self.head_out = _dense(out, ("embed", "patch"), name="head_out", **kw)
+
+  def _blocks(self, cls, n: int, kwargs: dict, name: str):
+    """n blocks: a list named NAME_i, or one scanned Stack named NAME (model.scan_layers)."""
+    if self.scan_layers:
+      return scan_lib.Stack(cls, n, kwargs, self.remat, name=name)
+    block = _maybe_remat(cls, self.remat)
+    return [block(**kwargs, name=f"{name}_{i}") for i in range(n)]
 
   def _embed(self, images, perm):
     """images [B, H, W, 3] -> tokens [B, K, D] in the order `perm`."""
@@ -250,8 +257,10 @@ class AIM(nn.Module):
   def trunk(self, images, mask, perm, num_blocks=None):
     """Returns the list of block outputs, each [B, K, D]."""
     x = self._embed(images, perm)
+    if num_blocks is None and isinstance(self.blocks, scan_lib.Stack):
+      return [self.blocks(x, mask)]    # scanned: only the last block's output
     outs = []
-    for block in self.blocks[:num_blocks]:
+    for block in scan_lib.unrolled(self.blocks, "AIM features")[:num_blocks]:
       x = block(x, mask)
       outs.append(x)
     return outs
@@ -267,8 +276,7 @@ class AIM(nn.Module):
     if self.head != "none":
       x = self.head_in(x)
       x = x + jnp.asarray(sincos_2d(self.grid, self.head_width)[perm], x.dtype)
-      for block in self.head_blocks:
-        x = block(x, mask)
+      x = scan_lib.apply(self.head_blocks, x, mask)
       x = self.head_norm(x)
     return self.head_out(x)
 
@@ -282,6 +290,7 @@ class AIM(nn.Module):
     if causal:
       mask = objective.prefix_causal_mask(jnp.zeros((images.shape[0],), jnp.int32),
                                           self.num_patches)
+    scan_lib.unrolled(self.blocks, "AIM features")
     return self.trunk(images, mask, np.arange(self.num_patches), num_blocks)
 
 
@@ -318,7 +327,8 @@ def from_config(model_cfg, objective_cfg=None) -> AIM:
       head_num_heads=model_cfg.head_num_heads, order=order,
       order_seed=objective_cfg.order_seed if objective_cfg is not None else 0,
       dtype=dtypes[model_cfg.dtype], param_dtype=dtypes[model_cfg.param_dtype],
-      remat=model_cfg.remat, attention_impl=model_cfg.attention_impl or None)
+      remat=model_cfg.remat, scan_layers=bool(model_cfg.get("scan_layers", False)),
+      attention_impl=attention_lib.implementation(model_cfg.attention_impl, model_cfg.dtype))
 
 
 def forward_flops(model: AIM, batch: int) -> float:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from aimjax import model as model_lib
@@ -55,7 +56,11 @@ def build_task(config) -> loop.Task:
           config.data, config.batch_size, config.seed, rows),
       eval_data=eval_data,
       flops_per_step=3 * model_lib.forward_flops(model, config.batch_size),
-      num_layers=config.model.depth)
+      num_layers=config.model.depth,
+      batch_spec=lambda b: {
+          "image": jax.ShapeDtypeStruct((b, model.image_size, model.image_size, 3), jnp.uint8),
+          "label": jax.ShapeDtypeStruct((b,), jnp.int32),
+          "valid": jax.ShapeDtypeStruct((b,), jnp.float32)})
 
 
 def main(config, workdir):

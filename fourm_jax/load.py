@@ -9,7 +9,7 @@ import os
 
 import ml_collections
 
-from pretrain_jax import checkpoint
+from pretrain_jax import checkpoint, scan
 
 
 def load(workdir: str, step: int | None = None):
@@ -20,6 +20,8 @@ def load(workdir: str, step: int | None = None):
     raise FileNotFoundError(f"{workdir} is not a fourm_jax.train workdir (no config.json)")
   with open(path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
-  model = train_lib.build_model(config)
   params = checkpoint.restore_parts(workdir, ("params",), step)["params"]
-  return model, params, config
+  if config.model.get("scan_layers"):   # trained scanned; generation needs the blocks unrolled
+    params = scan.unstack(params)
+    config.model.scan_layers = False
+  return train_lib.build_model(config), params, config

@@ -36,7 +36,9 @@ import numpy as np
 
 from fourm_jax.modalities import Modality
 from pretrain_jax import positions
+from pretrain_jax import attention as attention_lib
 from pretrain_jax import remat as remat_lib
+from pretrain_jax import scan as scan_lib
 
 Batch = dict[str, dict[str, jax.Array]]
 
@@ -81,6 +83,7 @@ class Attention(nn.Module):
   qk_norm: bool = False
   dtype: Any = jnp.float32
   use_bias: bool = False
+  implementation: str | None = None   # jax.nn.dot_product_attention's: None (XLA) | 'cudnn'
 
   def _bias(self, name, shape, names):
     return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
@@ -131,7 +134,8 @@ class Attention(nn.Module):
       k, v = ck.value, cv.value
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length",
                                        "activation_heads", "activation_kv"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],   # cached decoding: XLA
+                                       implementation=None if decode else self.implementation)
     wo = _heads_param(self, "proj", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
     out = jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
     return out + self._bias("proj_bias", (d,), ("embed",)) if self.use_bias else out
@@ -192,10 +196,12 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
   ffn: str = "swiglu"
   use_bias: bool = False
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, x, mask):
-    x = x + Attention(self.num_heads, self.qk_norm, self.dtype, self.use_bias, name="attn")(
+    x = x + Attention(self.num_heads, self.qk_norm, self.dtype, self.use_bias,
+                      self.attention_impl, name="attn")(
         _norm("norm1", self.dtype)(x), mask)
     x = x + _ffn(self.ffn, self.mlp_ratio, self.dtype, self.use_bias, "mlp")(
         _norm("norm2", self.dtype)(x))
@@ -209,11 +215,12 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.float32
   ffn: str = "swiglu"
   use_bias: bool = False
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, y, context, self_mask, cross_mask, decode: bool = False):
     attn = lambda name: Attention(self.num_heads, self.qk_norm, self.dtype, self.use_bias,
-                                  name=name)
+                                  self.attention_impl, name=name)
     y = y + attn("self_attn")(_norm("norm1", self.dtype)(y), self_mask, decode=decode)
     y = y + attn("cross_attn")(_norm("query_norm", self.dtype)(y), cross_mask,
                                _norm("context_norm", self.dtype)(context), decode=decode)
@@ -253,6 +260,8 @@ class FourM(nn.Module):
   remat: Any = "none"             # 'none' | 'block' | 'dots' (pretrain_jax.remat; bools too)
   ffn: str = "swiglu"             # 'swiglu' | 'gelu'
   use_bias: bool = False          # biases in attention and feed-forward layers
+  attention_impl: str | None = None   # None (XLA) | 'cudnn' (flash attention, GPU, bf16)
+  scan_layers: bool = False       # encoder and decoder blocks as one scan each (pretrain_jax.scan)
 
   def setup(self):
     d = self.dim
@@ -292,18 +301,21 @@ class FourM(nn.Module):
         for m in {m.name: m for m in (*self.inputs, *self.targets)}.values() if m.kind == "global"}
     self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d))
-    self.encoder = [_remat(EncoderBlock, self.remat)(self.num_heads, self.mlp_ratio, self.qk_norm,
-                                                     self.dtype, self.ffn, self.use_bias,
-                                                     name=f"encoder_{i}")
-                    for i in range(self.encoder_depth)]
+    self.encoder = self._blocks(EncoderBlock, self.encoder_depth, "encoder")
     self.encoder_norm = _norm("encoder_norm", self.dtype)
     self.decoder_proj_context = nn.Dense(d, name="decoder_proj_context", kernel_init=(
         nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "mlp"))))
-    self.decoder = [_remat(DecoderBlock, self.remat)(self.num_heads, self.mlp_ratio, self.qk_norm,
-                                                     self.dtype, self.ffn, self.use_bias,
-                                                     name=f"decoder_{i}")
-                    for i in range(self.decoder_depth)]
+    self.decoder = self._blocks(DecoderBlock, self.decoder_depth, "decoder")
     self.decoder_norm = _norm("decoder_norm", self.dtype)
+
+  def _blocks(self, cls, n: int, name: str):
+    """n blocks: a list named NAME_i, or one scanned Stack named NAME (model.scan_layers)."""
+    kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm,
+              dtype=self.dtype, ffn=self.ffn, use_bias=self.use_bias,
+              attention_impl=self.attention_impl)
+    if self.scan_layers:
+      return scan_lib.Stack(cls, n, kw, self.remat, name=name)
+    return [_remat(cls, self.remat)(**kw, name=f"{name}_{i}") for i in range(n)]
 
   # ---- positions ------------------------------------------------------------------------------
   def _grid_pos(self, m: Modality, n: int):
@@ -382,8 +394,7 @@ class FourM(nn.Module):
     emb = jnp.where(valid[..., None], emb, 0.0)
     h = _constrain((x + emb).astype(self.dtype))
     mask = valid[:, None, :]
-    for blk in self.encoder:
-      h = blk(h, mask)
+    h = scan_lib.apply(self.encoder, h, mask)
     return self.encoder_norm(h), emb, valid
 
   def decode(self, batch: Batch, context, context_emb, context_valid, num_decoder_tokens: int):
@@ -405,8 +416,7 @@ class FourM(nn.Module):
     ctx = self.decoder_proj_context(context) + context_emb
     h = _constrain((y + emb).astype(self.dtype))
     cross_mask = context_valid[:, None, :]
-    for blk in self.decoder:
-      h = blk(h, ctx, self_mask, cross_mask)
+    h = scan_lib.apply(self.decoder, h, ctx, self_mask, cross_mask)
     return self.decoder_norm(h), ids, mods, valid
 
   def encoder_features(self, images, modality: str, num_blocks: int | None = None):
@@ -424,7 +434,8 @@ class FourM(nn.Module):
     h = _constrain((x + self._grid_pos(m, x.shape[1]) + self.mod_emb[modality]).astype(self.dtype))
     mask = jnp.ones((x.shape[0], 1, x.shape[1]), bool)
     outs = []
-    for blk in self.encoder[:num_blocks or self.encoder_depth]:
+    for blk in scan_lib.unrolled(self.encoder, "encoder_features")[:num_blocks or
+                                                                     self.encoder_depth]:
       h = blk(h, mask)
       outs.append(h)
     if len(outs) == self.encoder_depth:
@@ -449,7 +460,7 @@ class FourM(nn.Module):
                                  (tokens.shape[0], 1, max_len))
     cross_mask = context_valid[:, None, :]
     h = h.astype(self.dtype)
-    for blk in self.decoder:
+    for blk in scan_lib.unrolled(self.decoder, "cached decoding"):
       h = blk(h, context, self_mask, cross_mask, True)
     return self.logits(self.decoder_norm(h), target)[:, 0]
 
@@ -515,7 +526,10 @@ def from_config(model_cfg, registry=None) -> FourM:
                qk_norm=model_cfg.get("qk_norm", False),
                tie_embeddings=model_cfg.get("tie_embeddings", True), dtype=dtype,
                remat=remat_lib.policy_name(model_cfg.get("remat", "none")),
-               ffn=ffn, use_bias=model_cfg.get("use_bias", False))
+               ffn=ffn, use_bias=model_cfg.get("use_bias", False),
+               scan_layers=bool(model_cfg.get("scan_layers", False)),
+               attention_impl=attention_lib.implementation(model_cfg.get("attention_impl", ""),
+                                                           model_cfg.get("dtype", "float32")))
 
 
 def count_params(params, embeddings: bool = False) -> int:

@@ -187,8 +187,16 @@ def build_task(config) -> loop.Task:
         out.extend(ds.batch(rows[1], drop_remainder=True))
       return out
 
+  def batch_spec(b):   # what train_data yields: the masked modalities (pixels uint8) and ids
+    spec = {m.name: {k: jax.ShapeDtypeStruct((b, *v.shape), v.dtype)
+                     for k, v in masking.empty(m).items()} for m in mods}
+    spec["dataset"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+    spec["valid"] = jax.ShapeDtypeStruct((b,), jnp.float32)
+    return spec
+
   return loop.Task(init_params=init_params, loss_fn=loss_fn, train_data=train_data,
-                   eval_data=eval_data, num_layers=model.encoder_depth + model.decoder_depth)
+                   eval_data=eval_data, num_layers=model.encoder_depth + model.decoder_depth,
+                   batch_spec=batch_spec)
 
 
 def prepare(batch: dict, pixels) -> dict:

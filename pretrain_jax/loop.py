@@ -48,6 +48,9 @@ class Task:
     with loss_fn every `config.eval_every` steps (metrics averaged, 'eval/').
   flops_per_step: analytic FLOPs of one training step (for MFU); when None
     XLA's cost analysis of the compiled step is used.
+  batch_spec: optional global batch size -> dict of jax.ShapeDtypeStruct, the
+    shapes and dtypes `train_data` yields (for ahead-of-time planning,
+    `pretrain_jax.plan`, without reading data).
   num_layers / layer_id: for layer-wise learning-rate decay.
   on_eval: optional (params, extra, step, workdir) -> None, called on every
     process after each evaluation (e.g. to write reconstruction images).
@@ -64,6 +67,7 @@ class Task:
   layer_id: Callable[[str, int], int] = optim.default_layer_id
   init_extra: Callable[[jax.Array], PyTree] | None = None
   on_eval: Callable[[PyTree, PyTree, int, str], None] | None = None
+  batch_spec: Callable[[int], dict[str, jax.ShapeDtypeStruct]] | None = None
 
   def loss_and_extra(self, params, batch, rng, extra):
     """(loss, metrics, new_extra) for either form of loss_fn."""
@@ -132,6 +136,22 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          extra=extra), metrics
   return train_step
+
+
+def jit_train_step(task: Task, tx, schedule, shardings, mesh, nan_at_step: int = 0):
+  """The train step jitted with the state's shardings, batch rows over ('data', 'fsdp') and
+  the state donated (updated in place). Lower it under `jax.set_mesh(mesh)` and the rules."""
+  step_fn = make_train_step(task, tx, schedule, nan_at_step)
+  return jax.jit(step_fn, in_shardings=(shardings, partitioning.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
+def xla_flops(compiled, num_devices: int) -> float:
+  """FLOPs of one call of a compiled SPMD program over all its devices. XLA's cost analysis
+  counts one device's share (every device runs the same partitioned program)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) * num_devices if cost else 0.0
 
 
 REQUIRED_KEYS = ("seed", "batch_size", "total_steps", "log_every", "checkpoint_every",
@@ -226,21 +246,16 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
 
   # ---- compile the step ----
   debug = config.get("debug", {})
-  step_fn = make_train_step(task, tx, schedule, int(debug.get("nan_at_step", 0) or 0))
+  jitted = jit_train_step(task, tx, schedule, shardings, mesh,
+                          int(debug.get("nan_at_step", 0) or 0))
   batch_sharding = partitioning.batch_sharding(mesh)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                   out_shardings=(shardings, None), donate_argnums=0)
   shard = lambda b: partitioning.shard_batch(b, mesh, config.batch_size)
   first_batch = next(data_iter)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     t0 = time.perf_counter()
     compiled = jitted.lower(state, shard(first_batch)).compile()
     compile_s = time.perf_counter() - t0
-  step_flops = task.flops_per_step
-  if not step_flops:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    step_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  step_flops = task.flops_per_step or xla_flops(compiled, mesh.size)
   flops_lib.peak_flops_per_device(mesh.devices.flat[0])   # measure (CPU) before timing steps
   logging.info("Compiled train step in %.1fs; %.3g FLOPs/step", compile_s, step_flops)
   writer = metrics_lib.create_writer(workdir)

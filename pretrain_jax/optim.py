@@ -39,14 +39,17 @@ def weight_decay_mask(params: PyTree, no_decay: tuple[str, ...]) -> PyTree:
   """True where weight decay applies: matrices, except paths naming `no_decay`.
 
   Norm scales and biases are vectors, so `ndim < 2` excludes them; position
-  and modality embeddings are matrices and are excluded by name.
+  and modality embeddings are matrices and are excluded by name. Blocks stacked by
+  scan over layers (`.../layers/layer/...`) have one more leading axis, not counted.
   """
   def decays(path, x):
     p = path_str(path)
-    return x.ndim >= 2 and not any(s in p for s in no_decay)
+    ndim = x.ndim - 1 if STACKED in p else x.ndim
+    return ndim >= 2 and not any(s in p for s in no_decay)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+STACKED = "/layers/layer/"   # where pretrain_jax.scan keeps stacked blocks
 _BLOCK_RE = re.compile(r"(?:^|/)(?:blocks|block|layers|layer)_(\d+)(?:/|$)")
 
 
@@ -95,6 +98,9 @@ def create_optimizer(cfg, total_steps: int, params: PyTree, num_layers: int = 0,
   if cfg.layer_decay != 1.0:
     if not 0 < cfg.layer_decay < 1.0:
       raise ValueError(f"config key 'optimizer.layer_decay' must be in (0, 1], got {cfg.layer_decay}")
+    if any(STACKED in path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+      raise ValueError("config key 'optimizer.layer_decay' needs per-block parameters, but "
+                       "model.scan_layers=True stacks them; turn one of the two off")
     parts.append(layerwise_scale(params, cfg.layer_decay, num_layers, layer_id))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts), schedule

@@ -1,0 +1,36 @@
+"""Which kernel computes attention (config key `model.attention_impl`).
+
+  ''  or 'xla'  XLA's fused softmax(QK^T)V, on every backend
+  'cudnn'       cuDNN's flash attention (GPU only; bf16/fp16 inputs, head dim <= 128)
+  'auto'        'cudnn' on a GPU when the compute dtype is bf16/fp16, else XLA
+
+Both models pass the result to `jax.nn.dot_product_attention(implementation=...)`.
+"""
+from __future__ import annotations
+
+import jax
+
+CHOICES = ("", "xla", "cudnn", "auto")
+
+
+def implementation(value: str, dtype: str = "float32", backend: str | None = None) -> str | None:
+  """A config value -> `jax.nn.dot_product_attention`'s implementation (None: XLA).
+
+  dtype: the model's compute dtype name; backend: jax.default_backend() unless given.
+  Raises ValueError naming the config key for an unknown value, or 'cudnn' off a GPU.
+  """
+  if value not in CHOICES:
+    raise ValueError(f"config key 'model.attention_impl' must be one of {CHOICES}, got {value!r}")
+  backend = backend or jax.default_backend()
+  half = dtype in ("bfloat16", "float16")
+  if value == "cudnn":
+    if backend != "gpu":
+      raise ValueError(f"config key 'model.attention_impl' is 'cudnn', which needs a GPU; JAX "
+                       f"runs on {backend} (use '' or 'auto')")
+    if not half:
+      raise ValueError(f"config key 'model.attention_impl' is 'cudnn', which needs model.dtype "
+                       f"bfloat16 or float16, got {dtype}")
+    return "cudnn"
+  if value == "auto" and backend == "gpu" and half:
+    return "cudnn"
+  return None

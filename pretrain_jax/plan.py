@@ -1,0 +1,423 @@
+"""Ahead-of-time plan of a training run: per-device memory, FLOPs, step time, smallest mesh.
+
+  python -m pretrain_jax.plan --config=configs/aim/pretrain.py:variant=7B \\
+      --devices=256 --device_kind=tpu-v5p
+
+The full-size train step is lowered and compiled for a mesh of `--devices`
+fake CPU devices (`--xla_force_host_platform_device_count`); the state is
+abstract (ShapeDtypeStructs carrying shardings), so no parameter is ever
+allocated. For each remat policy the plan prints, per device:
+
+  params, opt state, batch   exact: the bytes of each array's shard
+  gradients                  one sharded copy of the params (inside XLA's temp)
+  activations + workspace    XLA's temp allocation minus the gradients
+  peak                       arguments + outputs - donated aliases + temp
+
+and the step's FLOPs (the task's analytic model FLOPs, and XLA's count, which
+includes rematerialised recomputation), the step time at `--mfu` of the
+device kind's bf16 peak, and the smallest mesh that fits `--headroom` of the
+device's memory: candidates (fsdp x tensor, data = 1, as MaxText starts) are
+ranked by an estimate scaled from the compiled plan (exact state bytes, the
+activations in proportion to the per-device batch) and the first that fits is
+compiled to confirm it.
+
+The numbers are the CPU compiler's: TPU and GPU compilers fuse, schedule and
+overlap collectives differently, so keep the headroom (default 10%) for that.
+`--measure` also runs the step on the devices present and reports the memory
+it really used (the peak from the allocator on GPU/TPU; on CPU the growth of
+the process's peak resident memory, for all fake devices together).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+from absl import flags
+
+_DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices to plan for (fake CPU devices).")
+_KIND = flags.DEFINE_string("device_kind", "tpu-v5p",
+                            "Accelerator to plan for: " + ", ".join(
+                                ["tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "a100-40gb",
+                                 "a100-80gb", "h100", "h200", "cpu"]))
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+_HEADROOM = flags.DEFINE_float("headroom", 0.9, "Share of device memory a plan may use.")
+_REMAT = flags.DEFINE_list("remat", ["none", "block", "dots"], "Remat policies to plan.")
+_MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor of the planned mesh (-1 fills); "
+                            "default: the config's mesh.")
+_SEARCH = flags.DEFINE_bool("search", True, "Also find the smallest mesh that fits.")
+_MAX_TENSOR = flags.DEFINE_integer("max_tensor", 8, "Largest tensor-parallel degree tried.")
+_TASK = flags.DEFINE_string("task", "", "aim | fourm | a module with build_task(config); "
+                            "default: from the config's directory (configs/aim, configs/fourm).")
+_JSON = flags.DEFINE_string("json", "", "Write the plan here as JSON.")
+_MEASURE = flags.DEFINE_integer("measure", 0, "Also run this many real steps on the planned "
+                                "mesh and report the memory used (tiny configs).")
+
+GiB = 2 ** 30
+
+# name: (memory per device in bytes, key of flops.PEAK_BF16; None: measured on this machine)
+DEVICE_KINDS = {
+    "tpu-v4": (32 * GiB, "tpu v4"), "tpu-v5e": (16 * GiB, "tpu v5e"),
+    "tpu-v5p": (95 * 10 ** 9, "tpu v5p"), "tpu-v6e": (32 * GiB, "tpu v6e"),
+    "a100-40gb": (40 * GiB, "a100"), "a100-80gb": (80 * GiB, "a100"),
+    "h100": (80 * GiB, "h100"), "h200": (141 * 10 ** 9, "h200"), "cpu": (24 * GiB, None),
+}
+# The CPU compiler's default scheduler orders for concurrency and ignores rematerialisation's
+# memory saving (remat 'block' planned as much memory as 'none'); its memory-minimising
+# scheduler is closer to what the TPU/GPU schedulers do.
+CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+TASKS = {"aim": "aimjax.train", "fourm": "fourm_jax.train"}
+
+
+def device_kind(name: str) -> tuple[float, float]:
+  """(memory bytes, peak bf16 FLOP/s) of one device of kind `name` (see DEVICE_KINDS)."""
+  from pretrain_jax import flops as flops_lib
+  if name not in DEVICE_KINDS:
+    raise ValueError(f"--device_kind must be one of {sorted(DEVICE_KINDS)}, got {name!r}")
+  memory, key = DEVICE_KINDS[name]
+  peak = flops_lib.PEAK_BF16[key] if key else flops_lib.measured_matmul_peak()
+  return float(memory), float(peak)
+
+
+def task_module(config_path: str, task: str = ""):
+  """The training module (with build_task) for a config file."""
+  if not task:
+    parent = os.path.basename(os.path.dirname(os.path.abspath(config_path.split(":")[0])))
+    if parent not in TASKS:
+      raise ValueError(f"cannot tell the task of {config_path!r} from its directory; pass "
+                       f"--task ({' | '.join(TASKS)} | a module)")
+    task = parent
+  return importlib.import_module(TASKS.get(task, task))
+
+
+@dataclasses.dataclass
+class Compiled:
+  """What one compilation of the train step says, per device (bytes) and per step."""
+  mesh: tuple[int, int, int]
+  per_device_batch: float
+  params: int
+  opt_state: int
+  batch: int
+  gradients: int
+  temp: int
+  peak: int
+  xla_flops: float
+  lower_s: float
+  compile_s: float
+
+  @property
+  def activations(self) -> int:
+    return max(self.temp - self.gradients, 0)
+
+
+def _shard_bytes(tree) -> int:
+  import jax
+  import numpy as np
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def abstract_step(config, task, mesh):
+  """(jitted step, abstract state, abstract batch, optimizer), carrying `mesh` shardings."""
+  import flax.linen as nn
+  import jax
+  from pretrain_jax import loop, optim, partitioning, train_state as ts
+  if task.batch_spec is None:
+    raise ValueError("the task gives no batch_spec (batch shapes) to plan with")
+  rng = jax.random.key(config.seed)
+  boxed = ts.abstract_params(task.init_params, jax.random.split(rng)[0])
+  tx, schedule = optim.create_optimizer(config.optimizer, config.total_steps, nn.unbox(boxed),
+                                        task.num_layers, task.layer_id)
+  state, shardings = ts.abstract_train_state(task.init_params, tx, rng, mesh,
+                                             partitioning.RULES, task.init_extra)
+  bsh = partitioning.batch_sharding(mesh)
+  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=bsh),
+                       task.batch_spec(config.batch_size))
+  return loop.jit_train_step(task, tx, schedule, shardings, mesh), state, batch, tx
+
+
+def compile_step(config, task, mesh) -> Compiled:
+  """Lowers and compiles the train step for `mesh` with abstract inputs."""
+  import flax.linen as nn
+  import jax
+  from pretrain_jax import loop, partitioning
+  jitted, state, batch, _ = abstract_step(config, task, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+  params = _shard_bytes(state.params)
+  return Compiled(
+      mesh=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
+      per_device_batch=config.batch_size / partitioning.data_parallel_size(mesh),
+      params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
+      gradients=params, temp=int(mem.temp_size_in_bytes), peak=int(peak),
+      xla_flops=loop.xla_flops(compiled, mesh.size), lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def _mesh(devices, degrees):
+  from pretrain_jax import mesh as mesh_lib
+  cfg = dict(zip(("data", "fsdp", "tensor"), degrees))
+  return mesh_lib.create_mesh(cfg, devices[:math.prod(degrees)])
+
+
+def candidates(n_max: int, batch: int, max_tensor: int):
+  """(data, fsdp, tensor) meshes to try, smallest device count first: fsdp x tensor with
+  power-of-two sizes up to n_max (and n_max itself), fsdp dividing the global batch."""
+  sizes = sorted({2 ** i for i in range(int(math.log2(n_max)) + 1)} | {n_max})
+  out = []
+  for n in sizes:
+    for t in (1, 2, 4, 8, 16):
+      if t <= max_tensor and n % t == 0 and batch % (n // t) == 0:
+        out.append((1, n // t, t))
+  return out
+
+
+def estimate(base: Compiled, state_bytes: int, params: int, per_device_batch: float) -> int:
+  """Peak bytes per device on another mesh: its exact state and gradient bytes, plus the
+  base plan's activations in proportion to the per-device batch (tensor parallelism's saving
+  on activations is not counted, so the estimate errs high)."""
+  return int(state_bytes + params + base.activations * per_device_batch / base.per_device_batch)
+
+
+def state_bytes_on(config, task, mesh) -> tuple[int, int]:
+  """(params + opt state + batch, params) bytes per device on `mesh`; raises ValueError if
+  a dimension does not divide over the mesh."""
+  _, state, batch, _ = abstract_step(config, task, mesh)
+  try:
+    params = _shard_bytes(state.params)
+    return params + _shard_bytes(state.opt_state) + _shard_bytes(batch), params
+  except ValueError as e:
+    raise ValueError(f"does not divide: {e}") from None
+
+
+def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_tensor: int,
+                 max_compiles: int = 3):
+  """The first candidate mesh (fewest devices) whose compiled peak fits `capacity`, with the
+  compiles tried: (Compiled or None, [(mesh, estimated bytes, compiled bytes or None)])."""
+  tried = []
+  compiles = 0
+  for degrees in candidates(len(devices), config.batch_size, max_tensor):
+    mesh = _mesh(devices, degrees)
+    try:
+      state, params = state_bytes_on(config, task, mesh)
+    except ValueError:
+      continue
+    est = estimate(base, state, params, config.batch_size / (degrees[0] * degrees[1]))
+    if est > capacity:
+      continue
+    if degrees == base.mesh:
+      result = base
+    else:
+      if compiles == max_compiles:
+        break
+      compiles += 1
+      result = compile_step(config, task, mesh)
+    tried.append((degrees, est, result.peak))
+    if result.peak <= capacity:
+      return result, tried
+  return None, tried
+
+
+def _gib(x: float) -> str:
+  return f"{x / GiB:.2f}"
+
+
+def _size(x: float, unit: str) -> str:
+  return f"{x / GiB:.2f}" if unit == "GiB" else f"{x / 2 ** 20:.1f}"
+
+
+def for_cpu(config, remat: str):
+  """A copy of `config` with `model.remat = remat`, compiled with XLA's attention (cuDNN's
+  flash attention cannot compile for the CPU; it would need less activation memory)."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.remat = remat
+    if cfg.model.get("attention_impl"):
+      cfg.model.attention_impl = ""
+  return cfg
+
+
+def plan(config, task_for, devices, kind: str, mfu: float, headroom: float, remats,
+         mesh_degrees=None, search: bool = True, max_tensor: int = 8) -> dict:
+  """The plan as a dict (see the module docstring). task_for: config -> Task."""
+  from pretrain_jax import mesh as mesh_lib
+  memory, peak_flops = device_kind(kind)
+  capacity = headroom * memory
+  degrees = mesh_degrees or (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  ici, _ = mesh_lib.mesh_shapes(dict(zip(("data", "fsdp", "tensor"), degrees)), len(devices))
+  out = {"devices": len(devices), "device_kind": kind, "memory_per_device": memory,
+         "peak_flops_per_device": peak_flops, "mfu": mfu, "headroom": headroom,
+         "batch_size": config.batch_size, "mesh": list(ici), "remat": {}}
+  for remat in remats:
+    cfg = for_cpu(config, remat)
+    task = task_for(cfg)
+    base = compile_step(cfg, task, _mesh(devices, ici))
+    model_flops = task.flops_per_step
+    row = {**dataclasses.asdict(base), "activations": base.activations,
+           "fits": base.peak <= capacity, "model_flops": model_flops}
+    out["remat"][remat] = row
+    if search:
+      best, tried = smallest_fit(cfg, task, devices, base, capacity, max_tensor)
+      row["tried"] = [{"mesh": list(m), "estimate": e, "compiled_peak": p} for m, e, p in tried]
+      row["smallest"] = None if best is None else {
+          "mesh": list(best.mesh), "devices": math.prod(best.mesh), "peak": best.peak}
+  ref = out["remat"].get("none") or next(iter(out["remat"].values()))
+  flops = ref["model_flops"] or ref["xla_flops"]   # model FLOPs: no recomputation counted
+  out["model_flops"] = flops
+  out["model_flops_source"] = "analytic" if ref["model_flops"] else "XLA, remat none"
+  for row in out["remat"].values():
+    row["step_s_at_mfu"] = flops / (mfu * peak_flops * len(devices))
+    if row.get("smallest"):
+      row["smallest"]["step_s_at_mfu"] = flops / (mfu * peak_flops * row["smallest"]["devices"])
+  return out
+
+
+def format_plan(p: dict, title: str) -> str:
+  """The plan as a markdown table."""
+  d, f, t = p["mesh"]
+  unit = "GiB" if max(r["peak"] for r in p["remat"].values()) >= GiB else "MiB"
+  b = lambda x: _size(x, unit)
+  lines = [
+      f"### {title}", "",
+      f"{p['devices']} x {p['device_kind']} ({_gib(p['memory_per_device'])} GiB, "
+      f"{p['peak_flops_per_device'] / 1e12:.3g} TFLOP/s); global batch {p['batch_size']}; "
+      f"mesh data x fsdp x tensor = {d} x {f} x {t}; model FLOPs/step {p['model_flops']:.3g} "
+      f"({p['model_flops_source']}); fits = peak <= {p['headroom']:.0%} of memory.", "",
+      "| remat | params | opt state | grads | activations | batch | peak/device | fits "
+      "| XLA FLOPs/step | step s at {:.0%} MFU | compile s | smallest mesh that fits |".format(
+          p["mfu"]),
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      f"| | {unit} | {unit} | {unit} | {unit} | {unit} | {unit} | | | | | devices (mesh): peak, "
+      "step s |"]
+  for remat, r in p["remat"].items():
+    if "smallest" not in r:
+      small = "(not searched)"
+    elif r["smallest"] is None:
+      small = f"none up to {p['devices']} devices"
+    else:
+      s = r["smallest"]
+      small = (f"{s['devices']} ({' x '.join(map(str, s['mesh']))}): {b(s['peak'])} {unit}, "
+               f"{s['step_s_at_mfu']:.3g} s")
+    lines.append(
+        f"| {remat} | {b(r['params'])} | {b(r['opt_state'])} | {b(r['gradients'])} | "
+        f"{b(r['activations'])} | {b(r['batch'])} | {b(r['peak'])} | "
+        f"{'yes' if r['fits'] else 'no'} | {r['xla_flops']:.3g} | {r['step_s_at_mfu']:.3g} | "
+        f"{r['compile_s']:.0f} | {small} |")
+  return "\n".join(lines) + "\n"
+
+
+def measure(config, task, mesh, steps: int = 2) -> dict:
+  """Runs `steps` real train steps on `mesh` (random init, zero batches) and reports the
+  memory used per device: the live state shards, and the peak (from the allocator on
+  GPU/TPU; on CPU the growth of the process's peak RSS during the steps, divided over the
+  mesh's devices, since fake CPU devices share one process)."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from pretrain_jax import partitioning, train_state as ts
+  jitted, abstract_state, batch, tx = abstract_step(config, task, mesh)
+  state, _ = ts.create_train_state(task.init_params, tx, jax.random.key(config.seed), mesh,
+                                   partitioning.RULES, task.init_extra)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+    compiled = jitted.lower(abstract_state, batch).compile()
+    zeros = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), batch)
+    jax.block_until_ready((state, zeros))
+    device = mesh.devices.flat[0]
+    live = sum(s.data.nbytes for x in jax.tree.leaves((state, zeros))
+               for s in x.addressable_shards if s.device == device)
+    cpu = device.platform == "cpu"
+    rss0 = _reset_peak_rss() if cpu else None
+    for _ in range(steps):
+      state, metrics = compiled(state, zeros)
+      jax.block_until_ready((state, metrics))
+  out = {"live_state_and_batch": live}
+  if cpu:
+    out["peak"] = int(live + (_peak_rss() - rss0) / mesh.size)
+    out["peak_source"] = "state + growth of peak RSS / devices"
+  else:
+    out["peak"] = int((device.memory_stats() or {}).get("peak_bytes_in_use", 0))
+    out["peak_source"] = "allocator peak_bytes_in_use"
+  return out
+
+
+def _status_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+  """Resets the kernel's peak-RSS mark (VmHWM) to the current RSS; returns it."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  return _status_kib("VmRSS")
+
+
+def _peak_rss() -> int:
+  return _status_kib("VmHWM")
+
+
+def _use_fake_devices(argv) -> None:
+  """Before JAX starts: N fake CPU devices for --devices=N (the planner never needs more)."""
+  n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "8")
+  if "jax" in sys.modules:
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_FLAGS,
+                                      f"--xla_force_host_platform_device_count={n}"]).strip()
+
+
+def main(config, workdir):
+  del workdir
+  import jax
+  n = _DEVICES.value
+  if n <= 0:
+    raise ValueError(f"--devices must be positive, got {n}")
+  devices = jax.devices()
+  if len(devices) < n:
+    raise ValueError(f"--devices={n} but JAX has {len(devices)} devices (it was started before "
+                     "the planner could ask for fake devices)")
+  module = task_module(_config_path(), _TASK.value)
+  degrees = tuple(int(x) for x in _MESH.value.split(",")) if _MESH.value else None
+  if degrees is not None and len(degrees) != 3:
+    raise ValueError(f"--mesh must be data,fsdp,tensor, got {_MESH.value!r}")
+  p = plan(config, module.build_task, devices[:n], _KIND.value, _MFU.value, _HEADROOM.value,
+           _REMAT.value, degrees, _SEARCH.value, _MAX_TENSOR.value)
+  if _MEASURE.value:
+    from pretrain_jax import mesh as mesh_lib
+    cfg = for_cpu(config, _REMAT.value[0])
+    mesh = mesh_lib.create_mesh(dict(zip(("data", "fsdp", "tensor"), p["mesh"])), devices[:n])
+    p["measured"] = measure(cfg, module.build_task(cfg), mesh, _MEASURE.value)
+  title = f"{_config_path()} on {n} x {_KIND.value}"
+  print(format_plan(p, title))
+  if "measured" in p:
+    m = p["measured"]
+    print(f"measured ({_REMAT.value[0]}): state+batch {_gib(m['live_state_and_batch'])} GiB, "
+          f"peak {_gib(m['peak'])} GiB per device ({m['peak_source']})")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"title": title, **p}, f, indent=1)
+
+
+def _config_path() -> str:
+  return next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+
+
+if __name__ == "__main__":
+  _use_fake_devices(sys.argv)
+  from pretrain_jax import cli
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  cli.run(main, require_workdir=False)

@@ -1,0 +1,162 @@
+"""pretrain_jax.plan: the ahead-of-time memory plan against a real run, the mesh search, the
+attention switch, and (slow) compiles of the full-size steps on 8 fake devices."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, load_config, subprocess_env
+from pretrain_jax import attention, plan
+
+
+def _plan(tmp_path, config, *flags, timeout=900):
+  out = tmp_path / "plan.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "pretrain_jax.plan", f"--config={config}", f"--json={out}", *flags],
+      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+# An AIM a little wider than tiny, so the step's memory (about 100 MB per device) stands well
+# above the process's own noise in the measured resident memory.
+AIM_MID = ("--config.batch_size=256", "--config.model.width=256", "--config.model.depth=4")
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_the_plan_matches_the_memory_a_real_run_uses(tmp_path, remat):
+  p, stdout = _plan(tmp_path, "configs/aim/pretrain.py:variant=tiny", "--devices=8",
+                    "--device_kind=cpu", f"--remat={remat}", "--search=false", "--measure=3",
+                    *AIM_MID)
+  row, measured = p["remat"][remat], p["measured"]
+  assert p["mesh"] == [1, 8, 1] and row["per_device_batch"] == 32
+  # the state's shards are exact: the real run's live arrays on device 0 (plus the step and rng)
+  planned_state = row["params"] + row["opt_state"] + row["batch"]
+  assert 0 <= measured["live_state_and_batch"] - planned_state < 64
+  # the peak with XLA's temporaries, against the growth of the real process's peak memory
+  assert row["peak"] > 50 * 2 ** 20
+  assert measured["peak"] == pytest.approx(row["peak"], rel=0.10), (measured, row)
+  assert f"| {remat} |" in stdout and "measured" in stdout
+
+
+def test_block_remat_plans_less_activation_memory_and_more_flops(tmp_path):
+  p, _ = _plan(tmp_path, "configs/aim/pretrain.py:variant=tiny", "--devices=8",
+               "--device_kind=cpu", "--remat=none,block", "--search=false", *AIM_MID)
+  none, block = p["remat"]["none"], p["remat"]["block"]
+  assert block["activations"] < 0.7 * none["activations"]
+  assert block["xla_flops"] > none["xla_flops"]
+  assert none["params"] == block["params"]
+  # XLA's count over all 8 devices is close to the analytic model FLOPs of the step
+  assert none["xla_flops"] == pytest.approx(p["model_flops"], rel=0.15)
+
+
+def test_the_search_finds_the_smallest_mesh_that_fits(tmp_path):
+  """4M tiny on up to 8 devices, with the headroom set so that one device cannot hold it:
+  the answer is confirmed by a compile, and the next smaller mesh is estimated not to fit."""
+  p, _ = _plan(tmp_path, "configs/fourm/pretrain.py:variant=tiny", "--devices=8",
+               "--device_kind=cpu", "--remat=none", "--config.batch_size=64")
+  row = p["remat"]["none"]
+  one_device_peak = row["smallest"]["peak"]
+  assert row["smallest"]["mesh"] == [1, 1, 1]          # 24 GiB holds the tiny model anywhere
+  # now with room for only 60% of the single-device plan
+  headroom = 0.6 * one_device_peak / p["memory_per_device"]
+  p, stdout = _plan(tmp_path, "configs/fourm/pretrain.py:variant=tiny", "--devices=8",
+                    "--device_kind=cpu", "--remat=none", "--config.batch_size=64",
+                    f"--headroom={headroom}")
+  row = p["remat"]["none"]
+  small = row["smallest"]
+  assert small is not None and small["devices"] > 1
+  assert small["peak"] <= headroom * p["memory_per_device"]
+  assert row["tried"][-1]["compiled_peak"] == small["peak"]
+  assert f"| none |" in stdout
+
+
+def test_candidates_are_ordered_by_device_count_and_divide_the_batch():
+  c = plan.candidates(8, 32, max_tensor=4)
+  assert c[0] == (1, 1, 1)
+  sizes = [f * t for _, f, t in c]
+  assert sizes == sorted(sizes) and max(sizes) == 8
+  assert (1, 2, 4) in c and (1, 1, 8) not in c
+  assert all(32 % f == 0 for _, f, _ in plan.candidates(64, 32, 8))
+  assert (1, 6, 1) in plan.candidates(6, 12, 1)      # the full count even if not a power of 2
+
+
+def test_device_kinds_and_tasks_are_checked():
+  memory, peak = plan.device_kind("tpu-v5p")
+  assert memory == 95e9 and peak == 459e12
+  with pytest.raises(ValueError, match="device_kind"):
+    plan.device_kind("tpu-v9")
+  assert plan.task_module("configs/aim/pretrain.py:variant=7B").__name__ == "aimjax.train"
+  assert plan.task_module("configs/fourm/pretrain.py").__name__ == "fourm_jax.train"
+  with pytest.raises(ValueError, match="--task"):
+    plan.task_module("/tmp/elsewhere/my.py")
+
+
+def test_a_bad_device_kind_is_one_clear_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "pretrain_jax.plan", "--config=configs/aim/pretrain.py:variant=tiny",
+       "--device_kind=tpu-v9"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+  assert proc.returncode == 1
+  assert "error: --device_kind must be one of" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_task_gives_the_batch_shapes_its_data_yields():
+  from aimjax import train as aim_train
+  from fourm_jax import train as fourm_train
+  aim = aim_train.build_task(load_config("configs/aim/pretrain.py", "variant=tiny"))
+  spec = aim.batch_spec(4)
+  assert spec["image"].shape == (4, 56, 56, 3) and spec["image"].dtype.name == "uint8"
+  cfg = load_config("configs/fourm/pretrain.py", "variant=tiny")
+  spec = fourm_train.build_task(cfg).batch_spec(4)
+  model = fourm_train.build_model(cfg)
+  dummy = fourm_train.dummy_batch(model, 4)
+  for name, fields in dummy.items():
+    for k, v in fields.items():
+      assert spec[name][k].shape == v.shape, (name, k)
+  assert spec["rgb@32"]["tensor"].dtype.name == "uint8"   # pixels as the pipeline yields them
+
+
+def test_the_attention_switch():
+  assert attention.implementation("", "bfloat16", "cpu") is None
+  assert attention.implementation("xla", "bfloat16", "gpu") is None
+  assert attention.implementation("auto", "bfloat16", "gpu") == "cudnn"
+  assert attention.implementation("auto", "float32", "gpu") is None
+  assert attention.implementation("auto", "bfloat16", "cpu") is None
+  assert attention.implementation("cudnn", "bfloat16", "gpu") == "cudnn"
+  with pytest.raises(ValueError, match="needs a GPU"):
+    attention.implementation("cudnn", "bfloat16", "cpu")
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    attention.implementation("cudnn", "float32", "gpu")
+  with pytest.raises(ValueError, match="model.attention_impl"):
+    attention.implementation("flash", "bfloat16", "gpu")
+
+
+def test_the_models_take_the_attention_switch_from_their_configs():
+  from aimjax import model as aim_model
+  from fourm_jax import train as fourm_train
+  cfg = load_config("configs/aim/pretrain.py", "variant=tiny")
+  with cfg.unlocked():
+    cfg.model.attention_impl = "auto"
+  assert aim_model.from_config(cfg.model, cfg.objective).attention_impl is None   # CPU
+  cfg = load_config("configs/fourm/pretrain.py", "variant=tiny")
+  with cfg.unlocked():
+    cfg.model.attention_impl = "cudnn"
+  with pytest.raises(ValueError, match="needs a GPU"):
+    fourm_train.build_model(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/aim/pretrain.py:variant=7B",
+                                    "configs/fourm/pretrain.py:variant=4m7_XL",
+                                    "configs/fourm/pretrain.py:variant=4m21_XL"])
+def test_the_full_size_steps_compile_on_8_fake_devices(tmp_path, config):
+  p, stdout = _plan(tmp_path, config, "--devices=8", "--device_kind=tpu-v5p", "--remat=block",
+                    "--search=false", "--config.batch_size=64", timeout=1800)
+  row = p["remat"]["block"]
+  # fsdp over 8 devices: one eighth of the params' bytes per device, f32
+  assert row["params"] * 8 == pytest.approx(4 * (7.0e9 if "aim" in config else 2.7e9),
+                                            rel=0.15)
+  assert row["opt_state"] == pytest.approx(2 * row["params"], rel=0.01)
+  assert row["peak"] > row["params"] + row["opt_state"]
+  assert row["xla_flops"] > 0 and "| block |" in stdout
