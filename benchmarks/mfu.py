@@ -11,7 +11,7 @@ no recomputation is counted). It also compiles each step with scan over layers a
 reports both compile times.
 
 Cases (by platform):
-  cpu  aim-mid: width 384, depth 12, 224 px, batch 16, f32
+  cpu  aim-mid: width 384, depth 12, 12 head blocks of 512, 224 px, batch 16, f32 (as aim_step.py)
        4m-B-width: 4M-7 B (dim 768) with 2 + 2 blocks, batch 8, f32
   gpu  aim-0.6B-width: width 1536, 12 heads, depth 8 (of 24), batch 64, bf16
        4m-B: 4M-7 B (12 + 12 blocks), batch 128, bf16
@@ -42,7 +42,7 @@ CASES = {
     "cpu": {
         "aim-mid": ("configs/aim/pretrain.py:variant=0.6B", {
             "batch_size": 16, "model.width": 384, "model.num_heads": 6, "model.depth": 12,
-            "model.head_width": 512, "model.head_depth": 2, "model.dtype": "float32"}),
+            "model.head_width": 512, "model.head_depth": 12, "model.dtype": "float32"}),
         "4m-B-width": ("configs/fourm/pretrain.py:variant=4m7_B", {
             "batch_size": 8, "model.encoder_depth": 2, "model.decoder_depth": 2,
             "model.dtype": "float32"}),
