@@ -100,6 +100,7 @@ class Compiled:
   """What one compilation of the train step says, per device (bytes) and per step."""
   mesh: tuple[int, int, int]
   per_device_batch: float
+  num_params: int
   params: int
   opt_state: int
   batch: int
@@ -160,7 +161,7 @@ def compile_step(config, task, mesh) -> Compiled:
   return Compiled(
       mesh=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
       per_device_batch=config.batch_size / partitioning.data_parallel_size(mesh),
-      params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
+      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)), params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
       gradients=params, temp=int(mem.temp_size_in_bytes), peak=int(peak),
       xla_flops=loop.xla_flops(compiled, mesh.size), lower_s=t1 - t0, compile_s=t2 - t1)
 

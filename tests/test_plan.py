@@ -155,9 +155,9 @@ def test_the_full_size_steps_compile_on_8_fake_devices(tmp_path, config):
   p, stdout = _plan(tmp_path, config, "--devices=8", "--device_kind=tpu-v5p", "--remat=block",
                     "--search=false", "--config.batch_size=64", timeout=1800)
   row = p["remat"]["block"]
-  # fsdp over 8 devices: one eighth of the params' bytes per device, f32
-  assert row["params"] * 8 == pytest.approx(4 * (7.0e9 if "aim" in config else 2.7e9),
-                                            rel=0.15)
+  # all parameters (4M: with its modality embeddings), f32, about one eighth on each device
+  assert row["num_params"] > (6.5e9 if "aim" in config else 2.7e9)
+  assert 4 * row["num_params"] <= row["params"] * 8 < 1.02 * 4 * row["num_params"]
   assert row["opt_state"] == pytest.approx(2 * row["params"], rel=0.01)
   assert row["peak"] > row["params"] + row["opt_state"]
   assert row["xla_flops"] > 0 and "| block |" in stdout
