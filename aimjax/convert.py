@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain_jax import scan
+
 Params = dict[str, Any]
 _BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
 
@@ -123,7 +125,9 @@ def official_to_params(sd: dict[str, np.ndarray], width: int, depth: int, num_he
 
 
 def params_to_official(params: Params, probe=None, patch: int = 14) -> dict[str, np.ndarray]:
-  """Inverse of `official_to_params` (the trunk; and the probe when given)."""
+  """Inverse of `official_to_params` (the trunk; and the probe when given). Scanned params
+  (model.scan_layers) are unrolled first."""
+  params = scan.unstack(dict(params))
   pe = np.asarray(params["patch_embed"]["kernel"])
   d = pe.shape[1]
   sd = {"preprocessor.patchifier.proj.weight": pe.reshape(patch, patch, 3, d).transpose(3, 2, 0, 1),

@@ -67,7 +67,6 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
     params = checkpoint.restore_parts(path, ("params",), step)["params"]
     if cfg["model"].get("scan_layers"):   # trained scanned; features need the blocks unrolled
       params = scan.unstack(params)
-      cfg["model"]["scan_layers"] = False
     model = _model_from_config(cfg["model"])
     return model, params, preprocessing(model.image_size)
   if not os.path.exists(path):

@@ -241,6 +241,9 @@ class AIM(nn.Module):
   def _blocks(self, cls, n: int, kwargs: dict, name: str):
     """n blocks: a list named NAME_i, or one scanned Stack named NAME (model.scan_layers)."""
     if self.scan_layers:
+      if self.lora.rank:
+        raise ValueError("LoRA adapters need the blocks unrolled; build AIM with "
+                         "scan_layers=False (scan.unstack converts scanned params)")
       return scan_lib.Stack(cls, n, kwargs, self.remat, name=name)
     block = _maybe_remat(cls, self.remat)
     return [block(**kwargs, name=f"{name}_{i}") for i in range(n)]
@@ -373,7 +376,8 @@ def merge_lora(params, lora_vars, lora: LoRA):
 
 def trunk_param_count(params) -> int:
   """Parameters of the transformer blocks (what the paper's Table 1 counts)."""
-  return sum(int(x.size) for name, sub in params.items() if name.startswith("blocks_")
+  return sum(int(x.size) for name, sub in scan_lib.unstack(dict(params)).items()
+             if name.startswith("blocks_")
              for x in jax.tree.leaves(sub))
 
 

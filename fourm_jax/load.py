@@ -21,6 +21,8 @@ def load(workdir: str, step: int | None = None):
   with open(path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   params = checkpoint.restore_parts(workdir, ("params",), step)["params"]
+  if config.model.get("attention_impl") == "cudnn":   # trained on GPUs; load on any host
+    config.model.attention_impl = "auto"
   if config.model.get("scan_layers"):   # trained scanned; generation needs the blocks unrolled
     params = scan.unstack(params)
     config.model.scan_layers = False

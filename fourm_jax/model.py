@@ -134,8 +134,11 @@ class Attention(nn.Module):
       k, v = ck.value, cv.value
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length",
                                        "activation_heads", "activation_kv"))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],   # cached decoding: XLA
-                                       implementation=None if decode else self.implementation)
+    impl = None if decode else self.implementation     # cached decoding: XLA's kernel
+    mask = mask[:, None]                                # [B, 1, T or 1, S]
+    if impl == "cudnn":   # cuDNN takes the mask as a bias of the full [B, 1, T, S] shape
+      mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     wo = _heads_param(self, "proj", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
     out = jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
     return out + self._bias("proj_bias", (d,), ("embed",)) if self.use_bias else out

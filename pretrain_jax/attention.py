@@ -1,8 +1,10 @@
 """Which kernel computes attention (config key `model.attention_impl`).
 
   ''  or 'xla'  XLA's fused softmax(QK^T)V, on every backend
-  'cudnn'       cuDNN's flash attention (GPU only; bf16/fp16 inputs, head dim <= 128)
-  'auto'        'cudnn' on a GPU when the compute dtype is bf16/fp16, else XLA
+  'cudnn'       cuDNN's flash attention (GPU only; bf16/fp16 inputs; cuDNN's own limits on
+                the head dimension apply: a multiple of 8, at most 128, 256 on Hopper)
+  'auto'        'cudnn' on a GPU when the compute dtype is bf16/fp16, else XLA (it checks
+                nothing more: a head dimension cuDNN refuses fails at compile time)
 
 Both models pass the result to `jax.nn.dot_product_attention(implementation=...)`.
 """
@@ -19,6 +21,7 @@ def implementation(value: str, dtype: str = "float32", backend: str | None = Non
   dtype: the model's compute dtype name; backend: jax.default_backend() unless given.
   Raises ValueError naming the config key for an unknown value, or 'cudnn' off a GPU.
   """
+  value = value or ""     # None: an older config's null
   if value not in CHOICES:
     raise ValueError(f"config key 'model.attention_impl' must be one of {CHOICES}, got {value!r}")
   backend = backend or jax.default_backend()

@@ -122,7 +122,8 @@ def warm_start(params: Any, workdir: str, shardings: Any = None) -> tuple[Any, d
   model). This is how a run starts from another (4M-21 from 4M-7, super-resolution from
   4M-L): new modalities' embeddings keep their fresh initialisation.
   """
-  source = restore_parts(workdir)["params"]
+  from pretrain_jax import scan   # a scanned run may start from an unrolled one, and back
+  source = scan.like(restore_parts(workdir)["params"], dict(params))
   flat_src = {jax.tree_util.keystr(k): v for k, v in
               jax.tree_util.tree_flatten_with_path(source)[0]}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)

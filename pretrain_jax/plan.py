@@ -23,9 +23,11 @@ compiled to confirm it.
 
 The numbers are the CPU compiler's: TPU and GPU compilers fuse, schedule and
 overlap collectives differently, so keep the headroom (default 10%) for that.
-`--measure` also runs the step on the devices present and reports the memory
-it really used (the peak from the allocator on GPU/TPU; on CPU the growth of
-the process's peak resident memory, for all fake devices together).
+`--measure` also runs the step on the planned (fake CPU) devices and reports the
+memory it really used: the growth of the process's peak resident memory, shared
+over the fake devices. From Python, `measure(config, task, mesh)` on a GPU/TPU
+host reads the allocator's peak instead. Callers from Python that compile on
+the CPU should start JAX with `CPU_FLAGS` in XLA_FLAGS, as the command line does.
 """
 from __future__ import annotations
 
@@ -161,7 +163,8 @@ def compile_step(config, task, mesh) -> Compiled:
   return Compiled(
       mesh=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
       per_device_batch=config.batch_size / partitioning.data_parallel_size(mesh),
-      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)), params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
+      num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+      params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
       gradients=params, temp=int(mem.temp_size_in_bytes), peak=int(peak),
       xla_flops=loop.xla_flops(compiled, mesh.size), lower_s=t1 - t0, compile_s=t2 - t1)
 
@@ -204,8 +207,12 @@ def state_bytes_on(config, task, mesh) -> tuple[int, int]:
 
 def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_tensor: int,
                  max_compiles: int = 3):
-  """The first candidate mesh (fewest devices) whose compiled peak fits `capacity`, with the
-  compiles tried: (Compiled or None, [(mesh, estimated bytes, compiled bytes or None)])."""
+  """The first candidate mesh (fewest devices) whose compiled peak fits `capacity`.
+
+  Returns (Compiled or None, tried, exhausted): tried lists (mesh, estimated bytes, compiled
+  bytes) of the candidates compiled; exhausted is True when the search stopped at
+  `max_compiles` confirming compiles (None then means 'not found', not 'does not fit').
+  """
   tried = []
   compiles = 0
   for degrees in candidates(len(devices), config.batch_size, max_tensor):
@@ -221,13 +228,13 @@ def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_ten
       result = base
     else:
       if compiles == max_compiles:
-        break
+        return None, tried, True
       compiles += 1
       result = compile_step(config, task, mesh)
     tried.append((degrees, est, result.peak))
     if result.peak <= capacity:
-      return result, tried
-  return None, tried
+      return result, tried, False
+  return None, tried, False
 
 
 def _gib(x: float) -> str:
@@ -253,10 +260,21 @@ def plan(config, task_for, devices, kind: str, mfu: float, headroom: float, rema
          mesh_degrees=None, search: bool = True, max_tensor: int = 8) -> dict:
   """The plan as a dict (see the module docstring). task_for: config -> Task."""
   from pretrain_jax import mesh as mesh_lib
+  if not remats:
+    raise ValueError("--remat names no policy")
   memory, peak_flops = device_kind(kind)
   capacity = headroom * memory
-  degrees = mesh_degrees or (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  ici, _ = mesh_lib.mesh_shapes(dict(zip(("data", "fsdp", "tensor"), degrees)), len(devices))
+  axes = ("data", "fsdp", "tensor")
+  if mesh_degrees:
+    ici, _ = mesh_lib.mesh_shapes(dict(zip(axes, mesh_degrees)), len(devices))
+  else:   # the config's mesh; its DCN degrees (slices, hosts) fold into the same axes
+    dcn = [int(config.mesh.get(f"dcn_{a}", 1)) for a in axes]
+    if len(devices) % math.prod(dcn):
+      raise ValueError(f"--devices={len(devices)} does not split into the config's "
+                       f"mesh.dcn_* degrees {dcn}")
+    per_slice, _ = mesh_lib.mesh_shapes({a: config.mesh[a] for a in axes},
+                                        len(devices) // math.prod(dcn))
+    ici = tuple(i * d for i, d in zip(per_slice, dcn))
   out = {"devices": len(devices), "device_kind": kind, "memory_per_device": memory,
          "peak_flops_per_device": peak_flops, "mfu": mfu, "headroom": headroom,
          "batch_size": config.batch_size, "mesh": list(ici), "remat": {}}
@@ -269,14 +287,17 @@ def plan(config, task_for, devices, kind: str, mfu: float, headroom: float, rema
            "fits": base.peak <= capacity, "model_flops": model_flops}
     out["remat"][remat] = row
     if search:
-      best, tried = smallest_fit(cfg, task, devices, base, capacity, max_tensor)
+      best, tried, exhausted = smallest_fit(cfg, task, devices, base, capacity, max_tensor)
       row["tried"] = [{"mesh": list(m), "estimate": e, "compiled_peak": p} for m, e, p in tried]
+      row["search_exhausted"] = exhausted
       row["smallest"] = None if best is None else {
           "mesh": list(best.mesh), "devices": math.prod(best.mesh), "peak": best.peak}
-  ref = out["remat"].get("none") or next(iter(out["remat"].values()))
+  name = "none" if "none" in out["remat"] else next(iter(out["remat"]))
+  ref = out["remat"][name]
   flops = ref["model_flops"] or ref["xla_flops"]   # model FLOPs: no recomputation counted
   out["model_flops"] = flops
-  out["model_flops_source"] = "analytic" if ref["model_flops"] else "XLA, remat none"
+  out["model_flops_source"] = ("analytic" if ref["model_flops"] else f"XLA, remat {name}" + (
+      "" if name == "none" else ", which counts the recomputation: add 'none' to --remat"))
   for row in out["remat"].values():
     row["step_s_at_mfu"] = flops / (mfu * peak_flops * len(devices))
     if row.get("smallest"):
@@ -304,6 +325,8 @@ def format_plan(p: dict, title: str) -> str:
   for remat, r in p["remat"].items():
     if "smallest" not in r:
       small = "(not searched)"
+    elif r["smallest"] is None and r.get("search_exhausted"):
+      small = f"not found in {len(r['tried'])} compiles"
     elif r["smallest"] is None:
       small = f"none up to {p['devices']} devices"
     else:
@@ -371,9 +394,19 @@ def _peak_rss() -> int:
   return _status_kib("VmHWM")
 
 
+def _flag(argv, name: str, default: str) -> str:
+  """The value of --name=V or --name V in argv (read before absl parses the flags)."""
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
 def _use_fake_devices(argv) -> None:
   """Before JAX starts: N fake CPU devices for --devices=N (the planner never needs more)."""
-  n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "8")
+  n = _flag(argv, "devices", "8")
   if "jax" in sys.modules:
     return
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -414,7 +447,7 @@ def main(config, workdir):
 
 
 def _config_path() -> str:
-  return next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+  return _flag(sys.argv, "config", "")
 
 
 if __name__ == "__main__":

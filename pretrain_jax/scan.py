@@ -10,6 +10,7 @@ decoding, converters, layer-wise lr decay all use the unrolled names).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -70,8 +71,8 @@ def unrolled(blocks, what: str):
 
 
 def _is_stacked(tree) -> bool:
-  return isinstance(tree, dict) and set(tree) == {"layers"} and \
-      isinstance(tree["layers"], dict) and set(tree["layers"]) == {"layer"}
+  return isinstance(tree, Mapping) and set(tree) == {"layers"} and \
+      isinstance(tree["layers"], Mapping) and set(tree["layers"]) == {"layer"}
 
 
 def unstack(params: dict) -> dict:
@@ -84,11 +85,24 @@ def unstack(params: dict) -> dict:
       n = jax.tree.leaves(stacked)[0].shape[0]
       for i in range(n):
         out[f"{key}_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
       out[key] = unstack(value)
     else:
       out[key] = value
   return out
+
+
+def stacked_names(params: dict) -> list[str]:
+  """Top-level names of scanned block stacks in `params`."""
+  return [k for k, v in params.items() if _is_stacked(v)]
+
+
+def like(source: dict, target: dict) -> dict:
+  """`source` params in `target`'s layout (scanned or unrolled block lists), so that a run
+  with one layout can start from or compare with a checkpoint of the other."""
+  source = unstack(source)
+  names = [n for n in stacked_names(target) if f"{n}_0" in source]
+  return stack(source, names) if names else source
 
 
 def stack(params: dict, names) -> dict:

@@ -73,6 +73,14 @@ def test_the_search_finds_the_smallest_mesh_that_fits(tmp_path):
   assert f"| none |" in stdout
 
 
+def test_the_configs_dcn_degrees_fold_into_the_planned_mesh(tmp_path):
+  p, _ = _plan(tmp_path, "configs/aim/pretrain.py:variant=tiny", "--devices=8",
+               "--device_kind=cpu", "--remat=none", "--search=false",
+               "--config.mesh.dcn_data=2")
+  assert p["mesh"] == [2, 4, 1]      # two slices of data parallelism, fsdp 4 within each
+  assert p["remat"]["none"]["per_device_batch"] == 4
+
+
 def test_candidates_are_ordered_by_device_count_and_divide_the_batch():
   c = plan.candidates(8, 32, max_tensor=4)
   assert c[0] == (1, 1, 1)

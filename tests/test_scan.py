@@ -82,3 +82,17 @@ def test_the_optimizer_treats_stacked_blocks_like_unrolled_ones():
     optim.create_optimizer(cfg.optimizer, 100, params, 2)
   with pytest.raises(ValueError, match="scan_layers"):
     scanned.apply({"params": params}, images, method=scanned.features)
+
+
+def test_like_brings_a_checkpoint_into_the_other_layout():
+  """What a warm start (init_from) does between a scanned and an unrolled run."""
+  unrolled = {"embed": {"kernel": np.ones((2, 3))},
+              "blocks_0": {"w": np.zeros((3, 3))}, "blocks_1": {"w": np.ones((3, 3))}}
+  scanned = scan.stack(unrolled, ("blocks",))
+  assert scan.stacked_names(scanned) == ["blocks"]
+  to_scanned = scan.like(unrolled, scanned)
+  np.testing.assert_array_equal(to_scanned["blocks"]["layers"]["layer"]["w"][1], np.ones((3, 3)))
+  to_unrolled = scan.like(scanned, unrolled)
+  assert sorted(to_unrolled) == ["blocks_0", "blocks_1", "embed"]
+  with pytest.raises(ValueError, match="0..1"):
+    scan.stack({"blocks_0": {}, "blocks_2": {}}, ("blocks",))

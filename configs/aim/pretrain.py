@@ -85,7 +85,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"   # compute dtype
   c.model.param_dtype = "float32"              # parameter / optimizer-state dtype
   c.model.remat = "none"                       # 'none' | 'block' | 'dots' activation rematerialisation
-  c.model.attention_impl = ""                  # '' (XLA) | 'cudnn' (GPU flash attention) | 'auto'
+  c.model.attention_impl = ""                  # '' or 'xla' | 'cudnn' (GPU flash attention) | 'auto'
   c.model.scan_layers = False                  # blocks as one lax.scan: compile time flat in depth
 
   c.objective = ml_collections.ConfigDict()

@@ -142,7 +142,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = "float32" if tiny else "bfloat16"
   c.model.remat = "none" if tiny else "block"   # 'none' | 'block' | 'dots' (pretrain_jax.remat)
-  c.model.attention_impl = ""                  # '' (XLA) | 'cudnn' (GPU flash attention) | 'auto'
+  c.model.attention_impl = ""                  # '' or 'xla' | 'cudnn' (GPU flash attention) | 'auto'
   c.model.scan_layers = False                  # blocks as one lax.scan: compile time flat in depth
   if tiny:
     mods = ("rgb@32", "tok_rgb@32", "tok_depth@32", "caption")
