@@ -25,6 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import timing  # noqa: E402
 from aimjax import model as model_lib  # noqa: E402
 from aimjax import train as aim_train  # noqa: E402
 from pretrain_jax import flops as flops_lib  # noqa: E402
@@ -67,24 +68,13 @@ def time_step(cfg, steps: int):
   s = cfg.data.image_size
   batch = {"image": rng.integers(0, 256, (cfg.batch_size, s, s, 3), np.uint8),
            "valid": np.ones(cfg.batch_size, np.float32)}
-  step = jax.jit(loop.make_train_step(task, tx, schedule),
-                 in_shardings=(sh, partitioning.batch_sharding(mesh)), out_shardings=(sh, None),
-                 donate_argnums=0)
+  step = loop.jit_train_step(task, tx, schedule, sh, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
     device_batch = partitioning.shard_batch(batch, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, device_batch).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(2):
-      state, m = compiled(state, device_batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, m = compiled(state, device_batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+    step_s, state, _ = timing.time_steps(compiled, state, device_batch, steps)
   step_flops = 3 * model_lib.forward_flops(model, cfg.batch_size)
   return {"step_s": step_s, "compile_s": compile_s, "images_per_s": cfg.batch_size / step_s,
           "step_flops": step_flops, "achieved_flops": step_flops / step_s,

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fourm_jax import train as fourm_train  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from pretrain_jax import cli  # noqa: E402
 from pretrain_jax import flops as flops_lib  # noqa: E402
 from pretrain_jax import loop, mesh as mesh_lib, optim, partitioning  # noqa: E402
@@ -91,27 +92,14 @@ def time_step(cfg, steps: int):
   rows = [masker(synthetic_sample(model, rng), rng) for _ in range(cfg.batch_size)]
   batch = jax.tree.map(lambda *x: np.stack(x), *rows)
   batch["valid"] = np.ones(cfg.batch_size, np.float32)
-  step = jax.jit(loop.make_train_step(task, tx, schedule),
-                 in_shardings=(sh, partitioning.batch_sharding(mesh)), out_shardings=(sh, None),
-                 donate_argnums=0)
+  step = loop.jit_train_step(task, tx, schedule, sh, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
     device_batch = partitioning.shard_batch(batch, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, device_batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    step_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    for _ in range(2):
-      state, m = compiled(state, device_batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, m = compiled(state, device_batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+    step_flops = loop.xla_flops(compiled, mesh.size)
+    step_s, state, _ = timing.time_steps(compiled, state, device_batch, steps)
   tokens = cfg.batch_size * (cfg.model.num_encoder_tokens + cfg.model.num_decoder_tokens)
   return {"step_s": step_s, "compile_s": compile_s, "tokens_per_s": tokens / step_s,
           "samples_per_s": cfg.batch_size / step_s, "step_flops": step_flops,

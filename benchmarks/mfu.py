@@ -35,6 +35,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import timing  # noqa: E402
 from pretrain_jax import cli, flops as flops_lib, loop, mesh as mesh_lib  # noqa: E402
 from pretrain_jax import partitioning, plan, train_state as ts  # noqa: E402
 
@@ -91,16 +92,7 @@ def run_case(name: str, spec: str, overrides: dict, steps: int) -> dict:
     return np.zeros(s.shape, s.dtype)
   batch = jax.tree.map(lambda s: jax.device_put(fill(s), s.sharding), batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
-    for _ in range(2):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
+    step_s, state, metrics = timing.time_steps(compiled, state, batch, steps)
   model_flops = task.flops_per_step or loop.xla_flops(compiled, mesh.size)
   return {"case": name, "config": spec, "overrides": overrides, "devices": len(devices),
           "params": ts.count_params(state.params), "step_s": step_s,

@@ -190,6 +190,7 @@ def build_task(config) -> loop.Task:
   def batch_spec(b):   # what train_data yields: the masked modalities (pixels uint8) and ids
     spec = {m.name: {k: jax.ShapeDtypeStruct((b, *v.shape), v.dtype)
                      for k, v in masking.empty(m).items()} for m in mods}
+    spec["strategy"] = jax.ShapeDtypeStruct((b,), jnp.int32)    # the masking's choice
     spec["dataset"] = jax.ShapeDtypeStruct((b,), jnp.int32)
     spec["valid"] = jax.ShapeDtypeStruct((b,), jnp.float32)
     return spec

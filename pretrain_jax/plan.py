@@ -237,10 +237,6 @@ def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_ten
   return None, tried, False
 
 
-def _gib(x: float) -> str:
-  return f"{x / GiB:.2f}"
-
-
 def _size(x: float, unit: str) -> str:
   return f"{x / GiB:.2f}" if unit == "GiB" else f"{x / 2 ** 20:.1f}"
 
@@ -312,7 +308,7 @@ def format_plan(p: dict, title: str) -> str:
   b = lambda x: _size(x, unit)
   lines = [
       f"### {title}", "",
-      f"{p['devices']} x {p['device_kind']} ({_gib(p['memory_per_device'])} GiB, "
+      f"{p['devices']} x {p['device_kind']} ({_size(p['memory_per_device'], 'GiB')} GiB, "
       f"{p['peak_flops_per_device'] / 1e12:.3g} TFLOP/s); global batch {p['batch_size']}; "
       f"mesh data x fsdp x tensor = {d} x {f} x {t}; model FLOPs/step {p['model_flops']:.3g} "
       f"({p['model_flops_source']}); fits = peak <= {p['headroom']:.0%} of memory.", "",
@@ -439,8 +435,8 @@ def main(config, workdir):
   print(format_plan(p, title))
   if "measured" in p:
     m = p["measured"]
-    print(f"measured ({_REMAT.value[0]}): state+batch {_gib(m['live_state_and_batch'])} GiB, "
-          f"peak {_gib(m['peak'])} GiB per device ({m['peak_source']})")
+    print(f"measured ({_REMAT.value[0]}): state+batch {_size(m['live_state_and_batch'], 'GiB')} GiB, "
+          f"peak {_size(m['peak'], 'GiB')} GiB per device ({m['peak_source']})")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"title": title, **p}, f, indent=1)
