@@ -25,18 +25,22 @@ _BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a .safetensors or .pth/.pt/.bin file into numpy arrays."""
-  if not os.path.exists(path):
+  """Reads a .safetensors or .pth/.pt/.bin file (local or gs://...) into numpy arrays."""
+  from etils import epath
+  from pretrain_jax import paths
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"checkpoint not found: {path}")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
-    return dict(load_file(path))
+    with paths.local_copy(path) as local:
+      return dict(load_file(local))
   try:
     import torch
   except ImportError:
     raise ValueError(f"{path} is a PyTorch pickle: install torch to read it, or convert it to "
                      ".safetensors first") from None
-  sd = torch.load(path, map_location="cpu", weights_only=True)
+  with paths.local_copy(path) as local:
+    sd = torch.load(local, map_location="cpu", weights_only=True)
   if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
     sd = sd["model"]
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
@@ -165,20 +169,21 @@ def write_converted(sd: dict[str, np.ndarray], out: str, width: int, depth: int,
   the classifier, probe.safetensors. Returns `out`."""
   import json
   import orbax.checkpoint as ocp
-  from pretrain_jax import export
+  from etils import epath
+  from pretrain_jax import export, paths
   params, probe = official_to_params(sd, width, depth, num_heads, patch)
   model_cfg = {"image_size": image_size, "patch_size": patch, "width": width, "depth": depth,
                "num_heads": num_heads, "mlp_ratio": 4, "head": "none"}
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"model": model_cfg, "converted_from": "apple/ml-aim aim-v1"}, f, indent=2)
+  root = paths.resolve(out)   # local (absolute, for Orbax) or gs://...
+  epath.Path(root).mkdir(parents=True, exist_ok=True)
+  (epath.Path(root) / "config.json").write_text(json.dumps(
+      {"model": model_cfg, "converted_from": "apple/ml-aim aim-v1"}, indent=2))
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(os.path.join(out, "checkpoints", "0", "state")), {"params": params},
-            force=True)
+  ckpt.save(os.path.join(root, "checkpoints", "0", "state"), {"params": params}, force=True)
   ckpt.wait_until_finished()
-  export.save_safetensors(params, os.path.join(out, "params.safetensors"), {"model": model_cfg})
+  export.save_safetensors(params, os.path.join(root, "params.safetensors"), {"model": model_cfg})
   if probe is not None:
-    export.save_safetensors(probe, os.path.join(out, "probe.safetensors"), {"model": model_cfg})
+    export.save_safetensors(probe, os.path.join(root, "probe.safetensors"), {"model": model_cfg})
   return out
 
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from aimjax import convert
 from aimjax import model as model_lib
-from pretrain_jax import checkpoint, export, partitioning, scan
+from pretrain_jax import checkpoint, export, partitioning, paths, scan
 from pretrain_jax.data import transforms
 
 # Official variants: width, depth, heads (paper Table 1).
@@ -60,21 +60,20 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
     x = jnp.zeros((1, image_size, image_size, 3))
     params = jax.jit(model.init)(jax.random.key(0), x, jnp.ones((1,), jnp.int32))["params"]
     return model, nn.unbox(params), preprocessing(image_size)
-  path = path_or_variant
-  if os.path.isdir(path):
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-      cfg = json.load(f)
+  path = path_or_variant   # local or gs://... (read through etils.epath)
+  if epath.Path(path).is_dir():
+    cfg = json.loads((epath.Path(path) / "config.json").read_text())
     params = checkpoint.restore_parts(path, ("params",), step)["params"]
     if cfg["model"].get("scan_layers"):   # trained scanned; features need the blocks unrolled
       params = scan.unstack(params)
     model = _model_from_config(cfg["model"])
     return model, params, preprocessing(model.image_size)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"no AIM checkpoint or variant named {path!r}; variants: "
                             f"{list(VARIANTS)}")
   if path.endswith(".safetensors"):
     from safetensors import safe_open
-    with safe_open(path, "np") as f:
+    with paths.local_copy(path) as local, safe_open(local, "np") as f:
       ours = (f.metadata() or {}).get("format") == "pretrain_jax"
     if ours:
       params, cfg = export.load_safetensors(path)

@@ -14,6 +14,7 @@ probe_layers.png in the workdir.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 import aimjax
 from aimjax import heads
@@ -74,7 +76,7 @@ def train_probes(config, workdir: str) -> dict:
   """Trains the probes; returns {"top1": {block: acc}, "best_block": ..., ...}."""
   if not config.init_from:
     raise ValueError("config key 'init_from' must name a workdir, checkpoint or variant")
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)   # local or gs://...
   backbone = config.get("backbone", "aim")
   rng = jax.random.key(config.seed)
   lora_vars = {}
@@ -185,8 +187,7 @@ def train_probes(config, workdir: str) -> dict:
             "lora_rank": int(config.lora.rank), "top1": {str(l): a for l, a in final.items()},
             "best_block": best, "best_top1": final[best], "eval_examples": int(count),
             "history": [{str(l): a for l, a in h.items()} for h in history]}
-  with open(os.path.join(workdir, "probe_results.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  (epath.Path(workdir) / "probe_results.json").write_text(json.dumps(result, indent=2))
   _plot(final, os.path.join(workdir, "probe_layers.png"), config)
   if config.lora.rank > 0:
     from pretrain_jax import export
@@ -212,7 +213,9 @@ def _plot(top1: dict[int, float], path: str, config) -> None:
   ax.set_title(f"{config.probe} probe of {os.path.basename(str(config.init_from).rstrip('/'))}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=100, format="png")
+  epath.Path(path).write_bytes(png.getvalue())
 
 
 def main(config, workdir):

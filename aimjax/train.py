@@ -37,6 +37,20 @@ def make_loss_fn(model: model_lib.AIM, objective_cfg):
   return loss_fn
 
 
+def check_data(config) -> None:
+  """The data specs, checked before anything is built (the sources themselves, paths and
+  sizes, are checked when the loop builds the datasets, before the first step). Not part
+  of build_task: planners and benchmarks build full-size tasks without data."""
+  if not config.data.train.strip():
+    raise ValueError(
+        f"config key 'data.train' is empty: the {config.get('variant', '?')} variant has no "
+        "default data; set --config.data.train=... (e.g. "
+        "arrayrecord:/data/dfn/*.array_record, or scenes for a toy run)")
+  pipeline.parse_spec(config.data.train, "data.train")
+  if config.get("eval_every", 0) and config.data.get("eval"):
+    pipeline.parse_spec(config.data.eval, "data.eval")
+
+
 def build_task(config) -> loop.Task:
   """Model, data and objective for `loop.train`."""
   model = model_lib.from_config(config.model, config.objective)
@@ -64,6 +78,7 @@ def build_task(config) -> loop.Task:
 
 
 def main(config, workdir):
+  check_data(config)
   return loop.train(config, workdir, build_task(config))
 
 

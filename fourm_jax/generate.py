@@ -17,12 +17,13 @@ sequences as text, the settings) and tokens.npz.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 
 import jax
 import numpy as np
+from etils import epath
 
 from fourm_jax import sampler as sampler_lib, schedules
 from pretrain_jax.data import transforms
@@ -81,8 +82,8 @@ def grid(rows: list[list[np.ndarray]], size: int) -> np.ndarray:
 
 def _read_image(path: str) -> np.ndarray:
   from pretrain_jax.data import records
-  with open(path, "rb") as f:
-    return records.decode_image(f.read())
+  from etils import epath
+  return records.decode_image(epath.Path(path).read_bytes())
 
 
 def build_conditions(conditions, model, n: int, tokenizers: dict, text_tok):
@@ -158,7 +159,8 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
                                     top_k=[top_k], top_p=[top_p]))
   state = sampler.init_state(num_samples, given)
   state = sampler.generate(state, plan, jax.random.key(seed))
-  os.makedirs(out, exist_ok=True)
+  out_dir = epath.Path(out)   # local or gs://...
+  out_dir.mkdir(parents=True, exist_ok=True)
   images, sequences, tokens = {}, {}, {}
   for name in target_names:
     m = sampler.modalities[name]
@@ -174,18 +176,20 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
   if cols:
     size = max(im.shape[1] for im in cols)
     from PIL import Image
+    png = io.BytesIO()
     Image.fromarray(grid([[c[i] for c in cols] for i in range(num_samples)], size)).save(
-        os.path.join(out, "generations.png"))
-  np.savez(os.path.join(out, "tokens.npz"), **{k.replace("@", "_at_"): v
-                                                for k, v in tokens.items()})
+        png, format="png")
+    (out_dir / "generations.png").write_bytes(png.getvalue())
+  npz = io.BytesIO()
+  np.savez(npz, **{k.replace("@", "_at_"): v for k, v in tokens.items()})
+  (out_dir / "tokens.npz").write_bytes(npz.getvalue())
   result = {"workdir": workdir, "conditions": list(conditions), "targets": target_names,
             "columns": list(drawn) + list(images), "sequences": sequences,
             "settings": {"num_samples": num_samples, "steps": steps, "scheme": scheme,
                          "temperature": temperature, "guidance": guidance, "top_k": top_k,
                          "top_p": top_p, "seed": seed},
             "compilations": sampler.traces}
-  with open(os.path.join(out, "generations.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  (out_dir / "generations.json").write_text(json.dumps(result, indent=2))
   return result
 
 

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
+from etils import epath
 
 from pretrain_jax import checkpoint, scan
 
@@ -15,11 +15,10 @@ from pretrain_jax import checkpoint, scan
 def load(workdir: str, step: int | None = None):
   """(FourM, params, config) of a workdir's config.json and its latest checkpoint (or `step`)."""
   from fourm_jax import train as train_lib     # the config -> model rules live there
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"   # local or gs://...
+  if not path.exists():
     raise FileNotFoundError(f"{workdir} is not a fourm_jax.train workdir (no config.json)")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   params = checkpoint.restore_parts(workdir, ("params",), step)["params"]
   if config.model.get("attention_impl") == "cudnn":   # trained on GPUs; load on any host
     config.model.attention_impl = "auto"

@@ -13,7 +13,8 @@ in order on batches, each able to read the fields of the ones before it
 (`OUT/schema.json`) before it is written.
 
 Shard i of K holds the images of input indices [i*N//K, (i+1)*N//K). A shard
-is written to `.tmp`, then its summary `.json`, then renamed: a final name
+is written to `.tmp` (a local temporary file when OUT is gs://...), then its
+summary `.json`, then renamed (uploaded): a final name
 only ever names a complete shard, so running the same command again skips
 finished shards and redoes a half-written one, and the result is byte-
 identical to an uninterrupted run. Unreadable images are skipped, listed in
@@ -29,8 +30,10 @@ import time
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from fourm_jax import labellers as labellers_lib
+from pretrain_jax import paths
 from pretrain_jax.data import pipeline, records, schema as schema_lib, transforms
 from pretrain_jax.data.schema import FieldSpec
 
@@ -88,7 +91,7 @@ def make_input(spec: str, config):
   pipeline.parse_spec(spec)   # a clear error for unknown kinds
   if "@" in spec or "," in spec:
     raise ValueError(f"pseudo-labelling reads one source, not a mixture: {spec!r}")
-  return pipeline.make_source(kind, arg, config, "train")
+  return pipeline.make_source(kind, arg, config, "train", key="input")   # --input / config.input
 
 
 def build_labellers(config, available: set[str]) -> list[labellers_lib.Labeller]:
@@ -204,7 +207,7 @@ class _Interrupted(RuntimeError):
 def _write_shard(path: str, indices: range, source, labellers, schema, config, exact: bool,
                  progress: _Progress) -> dict[str, Any]:
   from array_record.python import array_record_module as arm
-  tmp = path + ".tmp"
+  tmp = paths.staging_path(path)   # local: PATH.tmp beside it; for gs://, a local temp file
   if os.path.exists(tmp):   # left by an interrupted run: redone from the start
     os.remove(tmp)
   writer = arm.ArrayRecordWriter(tmp, WRITER_OPTIONS)
@@ -246,10 +249,8 @@ def _write_shard(path: str, indices: range, source, labellers, schema, config, e
   finally:
     writer.close()
   summary = {"records": written, "skipped": skipped}
-  with open(path + ".json.tmp", "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(path + ".json.tmp", path + ".json")
-  os.replace(tmp, path)   # atomic: the final name only ever names a complete shard
+  paths.write_text(path + ".json", json.dumps(summary, indent=1))
+  paths.publish(tmp, path)   # atomic: the final name only ever names a complete shard
   return summary
 
 
@@ -265,20 +266,17 @@ def pseudo_label(config, spec: str, out: str) -> dict[str, Any]:
     raise ValueError(f"input {spec!r} holds no images")
   num_shards = config.shards or math.ceil(num / config.records_per_shard)
 
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)   # local or gs://...
   manifest = _manifest(config, spec, num, num_shards)
   mpath = os.path.join(out, MANIFEST)
-  if os.path.exists(mpath):
-    with open(mpath, encoding="utf-8") as f:
-      old = json.load(f)
+  if epath.Path(mpath).exists():
+    old = json.loads(epath.Path(mpath).read_text())
     diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if diff:
       raise ValueError(f"{out} holds shards of another pseudo-labelling run (differs in {diff}); "
                        "use a new --out or delete it")
   else:
-    with open(mpath + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=1)
-    os.replace(mpath + ".tmp", mpath)
+    paths.write_text(mpath, json.dumps(manifest, indent=1))
   schema_lib.write_schema(out, schema)
 
   progress = _Progress(num)
@@ -286,9 +284,8 @@ def pseudo_label(config, spec: str, out: str) -> dict[str, Any]:
   summaries: dict[int, dict[str, Any]] = {}
   for shard in range(num_shards):
     path = shard_path(out, shard, num_shards)
-    if os.path.exists(path) and os.path.exists(path + ".json"):
-      with open(path + ".json", encoding="utf-8") as f:
-        summaries[shard] = json.load(f)
+    if epath.Path(path).exists() and epath.Path(path + ".json").exists():
+      summaries[shard] = json.loads(epath.Path(path + ".json").read_text())
       progress.update(len(_shard_range(shard, num, num_shards)))
     else:
       todo.append(shard)

@@ -83,10 +83,11 @@ def main(argv):
   for row in result:
     print(f"{row['rank']:3d}  {row['cosine']:.4f}  {row['key']}")
   if f.out:
-    os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-    with open(f.out, "w", encoding="utf-8") as fh:
-      json.dump({"conditions": list(f.condition), "target": target, "results": result}, fh,
-                indent=2)
+    from etils import epath   # local or gs://...
+    out = epath.Path(f.out if "://" in f.out else os.path.abspath(f.out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"conditions": list(f.condition), "target": target,
+                               "results": result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -156,8 +156,12 @@ def build_task(config) -> loop.Task:
 
   def masked(k, name, pattern, seed, train):
     ds = all_ds[name]
+    key = f"data.datasets.{name}.{'train' if train else 'eval'}"
     records = multimodal.dataset(pattern, fields=tuple(sorted(set(fields[name].values()))),
-                                 skip_corrupt=config.data.skip_corrupt)
+                                 skip_corrupt=config.data.skip_corrupt, key=key)
+    if not train and len(records) < config.batch_size:
+      raise ValueError(f"config key '{key}' ('{pattern}') has {len(records)} examples, fewer "
+                       f"than one global batch of {config.batch_size}")
     if train:
       records = pipeline.repeated(records.shuffle(seed=seed), ds.get("repeats", 1),
                                   seed=seed + 1, window=config.data.repeat_window).repeat(None)
@@ -171,7 +175,7 @@ def build_task(config) -> loop.Task:
              for k, n in enumerate(names)]
     ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix(
         [d for d, _ in parts], [w for _, w in parts])
-    ds = pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
+    ds = pipeline.ProcessRows(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.threads,
                                                 prefetch_buffer_size=2))
 
@@ -183,9 +187,9 @@ def build_task(config) -> loop.Task:
       for n in evals:     # each dataset's first eval_batches batches, masked with its strategies
         ds = masked(names.index(n), n, all_ds[n].eval, config.seed + 1, False)
         m = min(len(ds), config.batch_size * config.data.eval_batches)
-        ds = pipeline.ProcessRows(ds[:m], config.batch_size, *rows)
-        out.extend(ds.batch(rows[1], drop_remainder=True))
-      return out
+        ds = pipeline.ProcessRows(ds[:m], config.batch_size, rows)
+        out.append(ds.batch(len(rows), drop_remainder=True))
+      return out[0] if len(out) == 1 else pipeline.Chain(out)   # lazy: read when iterated
 
   def batch_spec(b):   # what train_data yields: the masked modalities (pixels uint8) and ids
     spec = {m.name: {k: jax.ShapeDtypeStruct((b, *v.shape), v.dtype)
@@ -210,7 +214,22 @@ def prepare(batch: dict, pixels) -> dict:
   return out
 
 
+def check_data(config) -> None:
+  """Every dataset names its token shards, checked before anything is built (paths and eval
+  sizes are checked when the loop builds the datasets, before the first step). Not part of
+  build_task: planners and benchmarks build full-size tasks without data."""
+  empty = [n for n, ds in datasets(config).items() if not str(ds.get("train", "")).strip()]
+  if empty:
+    keys = ", ".join(f"'data.datasets.{n}.train'" for n in empty)
+    raise ValueError(
+        f"config key{'s' if len(empty) > 1 else ''} {keys} {'are' if len(empty) > 1 else 'is'} "
+        f"empty: the {config.get('variant', '?')} variant has no default data; set "
+        f"--config.data.datasets.{empty[0]}.train=GLOB (token shards of tokenizers_jax.tokenize, "
+        f"e.g. /data/{empty[0]}_tokens/*.array_record){' and the others' if len(empty) > 1 else ''}")
+
+
 def main(config, workdir):
+  check_data(config)
   return loop.train(config, workdir, build_task(config))
 
 

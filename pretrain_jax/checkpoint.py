@@ -16,6 +16,9 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from pretrain_jax import paths
 
 
 class Checkpointer:
@@ -23,7 +26,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     # Local paths are made absolute (Orbax needs that); URLs (gs://...) stay as they are.
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -85,15 +88,16 @@ class Checkpointer:
 
 
 def state_dir(workdir: str, step: int | None = None) -> str:
-  """checkpoints/<step>/state of a training workdir: `step`, or the latest committed one."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
-      ckpt_dir) else []
+  """checkpoints/<step>/state of a training workdir (local or gs://...): `step`, or the
+  latest committed one. A local path comes back absolute (Orbax needs that)."""
+  ckpt_dir = epath.Path(paths.resolve(workdir)) / "checkpoints"
+  steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit()) if (
+      ckpt_dir.is_dir()) else []
   if not steps:
     raise FileNotFoundError(f"no committed checkpoint under {ckpt_dir}")
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint of step {step} under {ckpt_dir}; available: {steps}")
-  return os.path.join(ckpt_dir, str(steps[-1] if step is None else step), "state")
+  return os.fspath(ckpt_dir / str(steps[-1] if step is None else step) / "state")
 
 
 def restore_parts(workdir: str, parts=("params",), step: int | None = None) -> dict:
@@ -111,6 +115,15 @@ def restore_parts(workdir: str, parts=("params",), step: int | None = None) -> d
   restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
   return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=True))
+
+
+def _place(value: np.ndarray, sharding) -> jax.Array:
+  """A host array as a (sharded) jax.Array. Each device's shard is cut from the host copy
+  (`make_array_from_callback`), so on several hosts nothing is gathered or compared across
+  processes (device_put of a host array would check that every process holds the same)."""
+  if sharding is None:
+    return jax.numpy.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def warm_start(params: Any, workdir: str, shardings: Any = None) -> tuple[Any, dict]:
@@ -141,8 +154,7 @@ def warm_start(params: Any, workdir: str, shardings: Any = None) -> tuple[Any, d
       report["mismatched"].append(f"{key}: {tuple(src.shape)} vs {tuple(leaf.shape)}")
       out.append(leaf)
     else:
-      value = jax.numpy.asarray(src, leaf.dtype)
-      out.append(jax.device_put(value, sharding) if sharding is not None else value)
+      out.append(_place(np.asarray(src, leaf.dtype), sharding))
       report["copied"].append(key)
   if not report["copied"]:
     raise ValueError(f"init_from {workdir}: no parameter of its checkpoint matches this model "

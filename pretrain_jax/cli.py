@@ -65,8 +65,12 @@ def run(main: Callable[[object, str], object],
     config = _CONFIG.value
     from pretrain_jax import mesh as mesh_lib  # after flags: may call jax.distributed
     mesh_lib.maybe_initialize_distributed(FLAGS.distributed)
-    if FLAGS.workdir:
-      os.makedirs(FLAGS.workdir, exist_ok=True)
+    workdir = FLAGS.workdir
+    if workdir:   # resolved once: absolute when local (Orbax needs that), URLs as given
+      from etils import epath
+      from pretrain_jax import paths
+      workdir = paths.resolve(workdir)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     logging.getLogger().setLevel(logging.INFO)
     if not FLAGS.verbose_libraries:
       for handler in logging.getLogger().handlers:
@@ -74,7 +78,7 @@ def run(main: Callable[[object, str], object],
     try:
       if validate is not None:
         validate(config)
-      main(config, FLAGS.workdir)
+      main(config, workdir)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
       from pretrain_jax.loop import NonFiniteLossError
       from pretrain_jax.data.errors import DataError

@@ -3,17 +3,20 @@
 Keys are the '/'-joined parameter paths (`blocks_0/attn/qkv`); the config the
 params belong to travels as JSON in the file's metadata. bfloat16 leaves are
 stored as their uint16 bit patterns and listed in the metadata, so the round
-trip is exact for every dtype. Files are written atomically.
+trip is exact for every dtype. Files are written atomically; paths may be
+local or gs://... (pretrain_jax/paths.py).
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from pretrain_jax import paths
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -50,17 +53,17 @@ def save_safetensors(params, path: str, config: dict | None = None) -> None:
   metadata = {"format": "pretrain_jax", "bfloat16": json.dumps(bf16)}
   if config is not None:
     metadata["config"] = json.dumps(config)
-  tmp = path + ".tmp"
+  tmp = paths.staging_path(path)
   save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, tmp, metadata=metadata)
-  os.replace(tmp, path)
+  paths.publish(tmp, path)
 
 
 def load_safetensors(path: str) -> tuple[dict[str, Any], dict | None]:
   """Returns (params as nested numpy dict, config dict or None)."""
   from safetensors import safe_open
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"safetensors file not found: {path}")
-  with safe_open(path, "np") as f:
+  with paths.local_copy(path) as local, safe_open(local, "np") as f:
     metadata = f.metadata() or {}
     flat = {k: f.get_tensor(k) for k in f.keys()}
   for k in json.loads(metadata.get("bfloat16", "[]")):

@@ -41,11 +41,14 @@ class Task:
   init_params: rng -> boxed params (`model.init(...)["params"]`).
   loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics);
     traced under the mesh and logical-axis rules.
-  train_data: rows -> a Grain dataset whose iterator yields this process's
-    rows (start, count) of each global batch (dicts of numpy arrays with
-    leading dim count); the iterator's state is checkpointed.
-  eval_data: optional rows -> iterable of batches (same rows), evaluated
-    with loss_fn every `config.eval_every` steps (metrics averaged, 'eval/').
+  train_data: rows -> a Grain dataset whose iterator yields this process's rows of
+    each global batch (`rows`: sorted global row indices from
+    `partitioning.process_rows`, not always contiguous; dicts of numpy arrays with
+    leading dim len(rows), in the order of `rows`); the iterator's state is checkpointed.
+  eval_data: optional rows -> re-iterable collection of batches (same rows), built once
+    at start (so a bad eval source fails before step 1; build it lazily, reading no
+    records) and evaluated with loss_fn every `config.eval_every` steps (metrics
+    averaged, 'eval/').
   flops_per_step: analytic FLOPs of one training step (for MFU); when None
     XLA's cost analysis of the compiled step is used.
   batch_spec: optional global batch size -> dict of jax.ShapeDtypeStruct, the
@@ -182,6 +185,14 @@ def check_config(config, num_processes: int, mesh: jax.sharding.Mesh) -> None:
                      f"number of processes ({num_processes})")
 
 
+def _readable(n: float) -> str:
+  """483136 -> '483.1K', 6.1e8 -> '610.0M'."""
+  for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f}{unit}"
+  return str(int(n))
+
+
 def _to_host(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -214,8 +225,9 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   target, shardings = ts.abstract_train_state(task.init_params, tx, rng, mesh, rules,
                                               task.init_extra)
   n_params = ts.count_params(target.params)
-  logging.info("Parameters: %s (%.3fB); this process feeds batch rows [%d, %d)",
-               f"{n_params:,}", n_params / 1e9, rows[0], rows[0] + rows[1])
+  logging.info("Parameters: %s (%s); process %d of %d feeds batch rows %s",
+               f"{n_params:,}", _readable(n_params), jax.process_index(), jax.process_count(),
+               partitioning.describe_rows(rows))
   replicated = partitioning.unsharded_fraction(shardings.params, target.params)
   logging.info("Replicated share of parameter bytes: %.1f%%", 100 * replicated)
 
@@ -224,6 +236,9 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
       os.fspath(workdir_path / "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.get("async_checkpoint", True))
   data_iter = iter(task.train_data(rows))
+  eval_batches = None   # built now: a missing or too small eval set stops the run here
+  if task.eval_data is not None and config.get("eval_every", 0):
+    eval_batches = task.eval_data(rows)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(target, data_iter)
     logging.info("Resuming from step %d", int(state.step))
@@ -261,14 +276,14 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   writer = metrics_lib.create_writer(workdir)
 
   eval_step = None
-  if task.eval_data is not None and config.get("eval_every", 0):
+  if eval_batches is not None:
     eval_step = jax.jit(lambda p, e, b: task.loss_and_extra(p, b, jax.random.key(0), e)[:2],
                         in_shardings=(shardings.params, shardings.extra, batch_sharding))
 
   def evaluate():
     sums, n = {}, 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      for batch in task.eval_data(rows):
+      for batch in eval_batches:
         loss, aux = eval_step(state.params, state.extra, shard(batch))
         for k, v in {"loss": loss, **aux}.items():
           sums[k] = sums.get(k, 0.0) + float(v)
@@ -283,6 +298,8 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   window = {"step": start_step, "time": time.perf_counter(), "invalid": 0.0}
   extra_row = {"perf/compile_s": compile_s}
   crash_at = int(debug.get("crash_at_step", 0) or 0)
+  if debug.get("crash_process", -1) not in (-1, jax.process_index()):
+    crash_at = 0
 
   def finish(item) -> dict[str, float] | None:
     """Fetches a step's metrics; raises on non-finite values; returns the

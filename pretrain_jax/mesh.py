@@ -8,9 +8,11 @@ slices and FSDP within a slice is the usual choice, as in MaxText.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import socket
 from typing import Sequence
 
 import jax
@@ -35,6 +37,12 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
   initialises (JAX then auto-detects the cluster: TPU pods via the metadata
   server, SLURM, ...); 'off' never does. A single process does nothing in
   'auto', so the same entry point runs on a laptop and on a pod.
+
+  Any launcher can describe the job itself, as `launch/local.sh --processes=N` does:
+  `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES`,
+  `JAX_PROCESS_ID` and optionally `JAX_LOCAL_DEVICE_IDS` (comma-separated GPU ordinals
+  this process drives) and `JAX_HEARTBEAT_TIMEOUT_SECONDS` (how long the others wait
+  for a silent process before failing; JAX's default is 100).
   """
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"--distributed must be auto, on or off, got {mode!r}")
@@ -46,8 +54,30 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
            or "," in env.get("TPU_WORKER_HOSTNAMES", "")
            or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS")))
   if mode == "on" or multi:
-    logging.info("Multi-process job: jax.distributed.initialize()")
-    jax.distributed.initialize()
+    kwargs = _explicit_job(env)
+    logging.info("Multi-process job: jax.distributed.initialize(%s)",
+                 ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+    jax.distributed.initialize(**kwargs)
+
+
+def _explicit_job(env) -> dict:
+  """jax.distributed.initialize arguments from JAX_NUM_PROCESSES / JAX_PROCESS_ID /
+  JAX_HEARTBEAT_TIMEOUT_SECONDS (JAX itself reads the coordinator address and the
+  local device ids from the environment, but not these)."""
+  kwargs = {}
+  for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id"),
+                   ("JAX_HEARTBEAT_TIMEOUT_SECONDS", "heartbeat_timeout_seconds")):
+    if env.get(key):
+      try:
+        kwargs[arg] = int(env[key])
+      except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+  if ("num_processes" in kwargs) != ("process_id" in kwargs):
+    raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither")
+  if "num_processes" in kwargs and not 0 <= kwargs["process_id"] < kwargs["num_processes"]:
+    raise ValueError(f"JAX_PROCESS_ID={kwargs['process_id']} is not in "
+                     f"[0, JAX_NUM_PROCESSES={kwargs['num_processes']})")
+  return kwargs
 
 
 def _resolve(degrees: Sequence[int], total: int, what: str) -> tuple[int, ...]:
@@ -72,10 +102,41 @@ def _resolve(degrees: Sequence[int], total: int, what: str) -> tuple[int, ...]:
   return tuple(degrees)
 
 
-def _num_slices(devices: Sequence[jax.Device]) -> int:
-  if hasattr(devices[0], "slice_index"):
-    return len({d.slice_index for d in devices})
-  return len({d.process_index for d in devices})
+def _is_tpu(device) -> bool:
+  return getattr(device, "platform", "") == "tpu" and hasattr(device, "coords")
+
+
+def process_hosts() -> list[int]:
+  """Host index of every process (index = process id), hosts numbered in order of their
+  first process. One process per GPU puts several processes on a host; the DCN degrees
+  count hosts, not processes. The host's name is `PRETRAIN_JAX_HOST` when set (the
+  local simulation of several hosts, `launch/local.sh --hosts`) or the machine's
+  hostname, exchanged through jax.distributed's key-value store."""
+  return list(_process_hosts())
+
+
+@functools.cache
+def _process_hosts() -> tuple[int, ...]:
+  n = jax.process_count()
+  if n == 1:
+    return (0,)
+  from jax._src import distributed   # the coordinator's key-value store
+  client = distributed.global_state.client
+  name = os.environ.get("PRETRAIN_JAX_HOST") or socket.gethostname()
+  client.key_value_set(f"pretrain_jax/host/{jax.process_index()}", name)
+  names = [client.blocking_key_value_get(f"pretrain_jax/host/{p}", 300_000) for p in range(n)]
+  order = {h: i for i, h in enumerate(dict.fromkeys(names))}
+  return tuple(order[h] for h in names)
+
+
+def granules(devices: Sequence, hosts: Sequence[int] | None = None) -> list[int]:
+  """The DCN granule of each device: its slice on TPU (`slice_index`; a slice's hosts
+  share ICI, so one slice is one granule however many hosts it has), its host
+  elsewhere (`hosts[process_index]`, default `process_hosts()`)."""
+  if _is_tpu(devices[0]):
+    return [int(getattr(d, "slice_index", 0) or 0) for d in devices]
+  hosts = process_hosts() if hosts is None else list(hosts)
+  return [hosts[d.process_index] for d in devices]
 
 
 def mesh_shapes(mesh_cfg, num_devices: int, num_slices: int = 1):
@@ -92,26 +153,64 @@ def mesh_shapes(mesh_cfg, num_devices: int, num_slices: int = 1):
   return ici, dcn
 
 
-def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None,
+                hosts: Sequence[int] | None = None) -> jax.sharding.Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axis types.
+
+  devices: default all of the job's devices (in jax's topology-aware order on TPU);
+  an explicit list keeps its order unless the devices are TPU chips (then jax's mesh
+  utilities order them along the torus). hosts: host index per process (default
+  `process_hosts()`), for the DCN split of GPU/CPU jobs.
+
+  The DCN degrees (`mesh.dcn_*`) split slices (TPU) or hosts (GPU, CPU): with one
+  process per GPU, 4 hosts of 8 GPUs are 4 granules, not 32. Without DCN degrees, the
+  hosts of a GPU job form one mesh.
 
   Auto (not Explicit) axes are needed so that flax linen's logical
   constraints act as sharding hints rather than assertions.
   """
-  devices = list(devices if devices is not None else jax.devices())
-  num_slices = _num_slices(devices) if len(devices) > 1 else 1
-  dcn_requested = any(int(mesh_cfg.get(f"dcn_{a}", 1)) != 1 for a in AXES)
-  if not dcn_requested and num_slices > 1 and not hasattr(devices[0], "slice_index"):
-    # Several GPU hosts but no DCN split asked for: treat them as one big slice.
-    num_slices = 1
-  ici, dcn = mesh_shapes(mesh_cfg, len(devices), num_slices)
-  if num_slices > 1:
-    array = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
-  elif len(devices) == len(jax.devices()):
-    array = mesh_utils.create_device_mesh(ici, devices)
-  else:  # a subset (tests, benchmarks): keep the given order
-    array = np.asarray(devices).reshape(ici)
+  mesh_cfg = dict(mesh_cfg)
+  default = devices is None
+  devices = list(jax.devices() if default else devices)
+  array, ici, dcn = device_array(mesh_cfg, devices, hosts, topology_order=default)
   mesh = jax.sharding.Mesh(array, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
   logging.info("Mesh %s over %d devices (ici=%s, dcn=%s)", dict(mesh.shape), len(devices), ici, dcn)
   return mesh
+
+
+def device_array(mesh_cfg, devices: Sequence, hosts: Sequence[int] | None = None,
+                 topology_order: bool = True):
+  """(devices arranged [data, fsdp, tensor], ici degrees, dcn degrees); works on mock
+  devices (tests of real TPU host layouts)."""
+  dcn_requested = any(int(mesh_cfg.get(f"dcn_{a}", 1)) != 1 for a in AXES)
+  groups = granules(devices, hosts) if len(devices) > 1 else [0]
+  num = len(set(groups))
+  if not dcn_requested and num > 1 and not _is_tpu(devices[0]):
+    num = 1   # several GPU/CPU hosts and no DCN split asked for: one big mesh
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices), num)
+  if num == 1:
+    return _ici_array(ici, devices, topology_order), ici, dcn
+  members: dict[int, list] = {}
+  for g, d in zip(groups, devices):
+    members.setdefault(g, []).append(d)
+  sizes = {len(v) for v in members.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"the DCN granules (slices or hosts) hold different numbers of devices: "
+                     f"{ {g: len(v) for g, v in members.items()} }")
+  # As jax's create_hybrid_device_mesh: one ICI mesh per granule, the granules laid out
+  # over the DCN degrees, each axis = dcn * ici.
+  per = [_ici_array(ici, members[g], topology_order) for g in sorted(members)]
+  layout = np.arange(len(per)).reshape(dcn)
+  blocks = np.vectorize(lambda i: per[i], otypes=[object])(layout)
+  return np.block(blocks.tolist()), ici, dcn
+
+
+def _ici_array(shape, devices, topology_order: bool) -> np.ndarray:
+  if _is_tpu(devices[0]):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, AssertionError, NotImplementedError):
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  if topology_order:
+    return mesh_utils.create_device_mesh(shape, devices)
+  return np.asarray(devices, dtype=object).reshape(shape)

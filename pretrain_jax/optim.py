@@ -8,6 +8,8 @@ Config keys (`config.optimizer`): `lr` (peak learning rate), `warmup_steps`,
 """
 from __future__ import annotations
 
+import logging
+
 import re
 from typing import Any, Callable
 
@@ -24,12 +26,19 @@ def path_str(path) -> str:
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `cfg.lr`, then cosine decay to `cfg.end_lr`."""
+  """Linear warmup from 0 to `cfg.lr`, then cosine decay to `cfg.end_lr`.
+
+  A run shorter than its warmup (a shortened debugging run: `--config.total_steps=30`
+  on a config warming up for 30) stays in the linear warmup throughout, with a warning.
+  """
   warmup = int(cfg.warmup_steps)
+  if warmup < 0:
+    raise ValueError(f"config key 'optimizer.warmup_steps' must be >= 0, got {warmup}")
   if warmup >= total_steps:
-    raise ValueError(
-        f"config key 'optimizer.warmup_steps' ({warmup}) must be smaller than total_steps "
-        f"({total_steps})")
+    logging.warning("optimizer.warmup_steps (%d) >= total_steps (%d): the learning rate only "
+                    "warms up (it reaches %.3g of optimizer.lr at the last step)",
+                    warmup, total_steps, total_steps / max(warmup, 1))
+    return optax.linear_schedule(0.0, cfg.lr, max(warmup, 1))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
       decay_steps=total_steps, end_value=cfg.end_lr)

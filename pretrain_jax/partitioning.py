@@ -55,39 +55,58 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def process_rows(mesh: jax.sharding.Mesh, global_batch: int) -> tuple[int, int]:
-  """(start, count): the rows of every global batch this process's devices hold.
+def batch_rows(devices: np.ndarray, global_batch: int, process_index: int) -> tuple[int, ...]:
+  """The rows of a global batch that `process_index`'s devices hold, in increasing order.
 
-  Processes whose devices hold the same rows (e.g. a tensor axis spanning
-  hosts) get the same rows, so they load the same examples.
+  devices: the mesh's device array [data, fsdp, tensor] (real devices or mocks with a
+  `process_index`). The batch is split over ('data', 'fsdp') in row-major order, as
+  `batch_sharding` does: device (i, j, k) holds rows [b * (i * fsdp + j), b * (... + 1))
+  with b = global_batch // (data * fsdp). The rows need not be contiguous: on TPU
+  slices a host's chips are a 2x2 block of the torus, so with jax's mesh order host 0
+  of a v5p-256 holds rows [0, 8, 32, 40] of a 128-way split. Devices that differ only
+  along 'tensor' hold the same rows, so processes spanning it load the same examples.
   """
-  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
-  spans = sorted({sl[0].indices(global_batch)[:2] for sl in index_map.values()})
-  start, stop = spans[0][0], max(e for _, e in spans)
-  covered = sum(e - s for s, e in _merge(spans))
-  if covered != stop - start:
-    raise ValueError(
-        f"process {jax.process_index()} holds non-contiguous batch rows {spans}; order the mesh "
-        "so each process's devices are contiguous along ('data', 'fsdp')")
-  return start, stop - start
+  data, fsdp = devices.shape[0], devices.shape[1]
+  shards = data * fsdp
+  if global_batch % shards:
+    raise ValueError(f"global batch {global_batch} does not split over data*fsdp = {shards}")
+  per = global_batch // shards
+  blocks = sorted({i * fsdp + j for (i, j, _), d in np.ndenumerate(devices)
+                   if d.process_index == process_index})
+  if not blocks:
+    raise ValueError(f"process {process_index} holds no device of the mesh")
+  return tuple(r for b in blocks for r in range(b * per, (b + 1) * per))
 
 
-def _merge(spans):
-  merged = []
-  for s, e in spans:
-    if merged and s <= merged[-1][1]:
-      merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+def process_rows(mesh: jax.sharding.Mesh, global_batch: int,
+                 process_index: int | None = None) -> tuple[int, ...]:
+  """This process's rows of every global batch (sorted global row indices).
+
+  Its data pipeline loads exactly these rows, in this order, and `shard_batch` places
+  them (`jax.make_array_from_process_local_data` maps sorted, possibly scattered row
+  blocks onto the process's devices).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  return batch_rows(np.asarray(mesh.devices), global_batch, process_index)
+
+
+def describe_rows(rows) -> str:
+  """'[0, 8) [32, 40)': rows as half-open spans, for logs and errors."""
+  spans = []
+  for r in rows:
+    if spans and spans[-1][1] == r:
+      spans[-1][1] = r + 1
     else:
-      merged.append((s, e))
-  return merged
+      spans.append([r, r + 1])
+  return " ".join(f"[{a}, {b})" for a, b in spans)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
                 global_batch: int | None = None) -> dict[str, jax.Array]:
   """Turns this process's rows of the global batch into global jax.Arrays.
 
-  batch: every leaf [count, ...], the rows `process_rows(mesh, global_batch)`
-  of the global batch (all of it for one process).
+  batch: every leaf [len(rows), ...], the rows `process_rows(mesh, global_batch)` of the
+  global batch in increasing order (all of it for one process).
   """
   sharding = batch_sharding(mesh)
 

@@ -79,8 +79,11 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
   assert float(sched(10)) == pytest.approx(1e-2)
   assert float(sched(60)) == pytest.approx(1e-4 + (1e-2 - 1e-4) / 2, rel=1e-3)
   assert float(sched(110)) == pytest.approx(1e-4)
+  # a run shorter than its warmup (a shortened debugging run) stays in the linear warmup
+  short = optim.learning_rate_schedule(_opt_cfg(warmup_steps=200), 100)
+  assert float(short(50)) == pytest.approx(2.5e-3) and float(short(100)) == pytest.approx(5e-3)
   with pytest.raises(ValueError, match="optimizer.warmup_steps"):
-    optim.learning_rate_schedule(_opt_cfg(warmup_steps=200), 100)
+    optim.learning_rate_schedule(_opt_cfg(warmup_steps=-1), 100)
 
 
 def _second_update(tx, grads):

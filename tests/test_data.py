@@ -365,16 +365,22 @@ def test_normalize_of_a_constant_image_gives_per_channel_standard_scores():
                                                      transforms.IMAGENET_STD)], rtol=1e-6)
 
 
-def test_processes_read_contiguous_row_blocks_of_the_same_global_batches():
+def test_processes_read_their_rows_of_the_same_global_batches():
+  """Two processes owning scattered rows ((0, 1, 4, 5) and (2, 3, 6, 7), as TPU hosts do):
+  each loads exactly its rows, in order, and together they are the global batches."""
   from conftest import load_config
   data = load_config("configs/aim/pretrain.py", "variant=tiny").data
   data.train, data.image_size, data.scenes_resolution, data.threads = "scenes:64", 28, 32, 1
   it = iter(pipeline.train_dataset(data, 8, seed=3))
   whole = [next(it) for _ in range(2)]
-  its = [iter(pipeline.train_dataset(data, 8, seed=3, rows=(start, 4))) for start in (0, 4)]
+  owned = [(0, 1, 4, 5), (2, 3, 6, 7)]
+  its = [iter(pipeline.train_dataset(data, 8, seed=3, rows=rows)) for rows in owned]
   for b in range(2):
-    halves = [next(i) for i in its]
-    assert halves[0]["image"].shape[0] == 4
-    # Concatenated in process order, the two processes' rows are the global batch.
-    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]),
-                                  whole[b]["image"])
+    parts = [next(i) for i in its]
+    assert parts[0]["image"].shape[0] == 4
+    assembled = np.zeros_like(whole[b]["image"])
+    for rows, part in zip(owned, parts):
+      assembled[list(rows)] = part["image"]
+    np.testing.assert_array_equal(assembled, whole[b]["image"])
+  with pytest.raises(ValueError, match="sorted distinct rows"):
+    pipeline.train_dataset(data, 8, seed=3, rows=(4, 0))

@@ -105,7 +105,7 @@ def test_co_training_mixes_datasets_by_weight_and_masks_absent_modalities(token_
                                              strategies=[pre.all2all(1.0)]))
   cfg.data.datasets.scenes.repeats = 2
   task = fourm_train.build_task(cfg)
-  it = iter(task.train_data((0, cfg.batch_size)))
+  it = iter(task.train_data(tuple(range(cfg.batch_size))))
   batches = [next(it) for _ in range(8)]
   ds = np.concatenate([b["dataset"] for b in batches])
   assert abs(np.mean(ds == 1) - 0.25) < 0.03, np.mean(ds == 1)
@@ -229,3 +229,25 @@ def test_tiny_4m_generates_depth_from_rgb_better_than_the_mean_depth(trained, to
   r = result["tok_depth@32"]
   # the tokenizer bound < the model < the mean depth (standardised L1)
   assert r["tokenizer_bound"] < r["model"] < 0.8 * r["baseline"], r
+
+
+@pytest.mark.slow
+def test_tiny_4m_on_two_processes_gives_the_one_process_losses(token_shards, tmp_path):
+  """launch/local.sh --processes=2 --fake-devices=4 and --fake-devices=8, same arguments:
+  the same loss at every logged step (masks and data order depend on the global row only)."""
+  args = ["fourm_jax.train", "--config=configs/fourm/pretrain.py:variant=tiny",
+          f"--config.data.datasets.scenes.train={token_shards}/*.array_record",
+          "--config.total_steps=30", "--config.log_every=10", "--config.mesh.fsdp=8",
+          "--config.eval_every=0"]
+  losses = {}
+  for name, launch in (("one", ["--fake-devices=8"]),
+                       ("two", ["--processes=2", "--fake-devices=4"])):
+    proc = subprocess.run(["bash", "launch/local.sh", *launch, *args,
+                           f"--workdir={tmp_path / name}"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics_lib.read_jsonl(str(tmp_path / name / "metrics.jsonl"))
+    losses[name] = {s: r["loss"] for s, r in rows.items()}
+  assert sorted(losses["one"]) == sorted(losses["two"]) == [10, 20, 30]
+  for step, loss in losses["one"].items():
+    assert abs(loss - losses["two"][step]) <= 1e-5, (step, loss, losses["two"][step])

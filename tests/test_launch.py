@@ -54,3 +54,40 @@ def test_dry_run_prints_what_the_readme_says(cmd, expected):
 def test_bad_launch_arguments_exit_2_naming_the_problem(args, message):
   proc = subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize("accelerator,runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-256", "v2-alpha-tpuv5"), ("v6e-256", "v2-alpha-tpuv6e")])
+def test_tpu_pod_runtime_follows_the_generation_and_runs_in_a_python311_venv(accelerator, runtime):
+  proc = subprocess.run(
+      ["bash", "launch/tpu_pod.sh", "--dry-run", "--name=n", "--zone=z", f"--type={accelerator}",
+       "aimjax.train", "--workdir=gs://b/w"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  create, pack, _, install, run, _ = proc.stdout.splitlines()
+  assert create.endswith(f"--accelerator-type={accelerator} --version={runtime}")
+  assert "ls-files" in pack and "--exclude-standard" in pack     # no ignored data or outputs
+  assert "python3.11 -m venv ~/pretrain-jax-venv" in install
+  assert "~/pretrain-jax-venv/bin/pip install -q -e '.[tpu]'" in install
+  assert "~/pretrain-jax-venv/bin/python -m aimjax.train" in run
+
+
+@pytest.mark.parametrize("mode,ids,tasks", [([], "0", "--ntasks-per-node=8 --gpus-per-task=1"),
+                                            (["--per-host"], "0,1,2,3,4,5,6,7",
+                                             "--ntasks-per-node=1")])
+def test_gpu_slurm_gives_every_process_the_right_local_device_ids(mode, ids, tasks):
+  """JAX's SLURM detection would use SLURM_LOCALID as the GPU ordinal: wrong when a task is
+  bound to one GPU (it is ordinal 0 there) and when one task drives all 8."""
+  proc = subprocess.run(["bash", "launch/gpu_slurm.sh", "--dry-run", "--nodes=2",
+                         "--gpus-per-node=8", *mode, "aimjax.train"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  env, srun = proc.stdout.splitlines()
+  assert env.endswith(f"JAX_LOCAL_DEVICE_IDS={ids}")
+  assert srun.startswith(f"srun --nodes=2 {tasks} --kill-on-bad-exit=1 ")
+
+
+@pytest.mark.parametrize("script", ["launch/local.sh", "launch/gpu_slurm.sh", "launch/tpu_pod.sh"])
+def test_launch_scripts_answer_help(script):
+  proc = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 0 and "--dry-run" in proc.stdout and "set -euo" not in proc.stdout

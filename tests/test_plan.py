@@ -119,7 +119,7 @@ def test_every_task_gives_the_batch_shapes_its_data_yields():
   with cfg.unlocked():
     cfg.batch_size, cfg.data.scenes_num = 4, 8
   aim = aim_train.build_task(cfg)
-  real = next(iter(aim.train_data((0, 4))))     # a batch the pipeline really yields
+  real = next(iter(aim.train_data(tuple(range(4)))))     # a batch the pipeline really yields
   spec = aim.batch_spec(4)
   assert sorted(spec) == sorted(real)
   for k, v in real.items():

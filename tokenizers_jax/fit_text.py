@@ -14,8 +14,10 @@ it as `text_tokenizer`.
 from __future__ import annotations
 
 import logging
-import os
 
+from etils import epath
+
+from pretrain_jax import paths
 from pretrain_jax.data import multimodal
 from tokenizers_jax import text
 
@@ -42,10 +44,10 @@ def fit(config, pattern: str, out: str) -> dict:
   tok = text.fit_wordpiece(captions, vocab_size=config.vocab_size,
                            class_names=class_names(config.class_names),
                            extra_words=tuple(config.extra_words))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp"
+  epath.Path(paths.resolve(out)).parent.mkdir(parents=True, exist_ok=True)   # or gs://...
+  tmp = paths.staging_path(out)
   tok.save(tmp)
-  os.replace(tmp, out)
+  paths.publish(tmp, out)
   text.load(out)           # the layout check a reader applies
   logging.info("fitted %d entries on %d captions -> %s", tok.get_vocab_size(), n, out)
   return {"records": n, "vocab_size": tok.get_vocab_size()}

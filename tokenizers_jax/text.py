@@ -74,9 +74,11 @@ def fit_wordpiece(captions: Iterable[str], vocab_size: int = 30_000,
 
 
 def load(path: str):
-  """Reads a tokenizer file (ours or the official 4M one) and checks the layout above."""
+  """Reads a tokenizer file (ours or the official 4M one; local or gs://...) and checks the
+  layout above."""
+  from etils import epath
   from tokenizers import Tokenizer
-  tok = Tokenizer.from_file(path)
+  tok = Tokenizer.from_str(epath.Path(path).read_text())
   want = added_tokens(class_names=(), extra_words=())
   wrong = [(t, i, tok.token_to_id(t)) for i, t in enumerate(want) if tok.token_to_id(t) != i]
   if wrong:

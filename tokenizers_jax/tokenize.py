@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
+from pretrain_jax import checkpoint, paths
 from pretrain_jax.data import multimodal, records, schema as schema_lib
 from pretrain_jax.data.schema import FieldSpec
 from pretrain_jax.data.sources import ArrayRecordSource
@@ -51,16 +53,11 @@ class Tokenizer:
 
   def __init__(self, workdir: str):
     import orbax.checkpoint as ocp
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(cfg_path):
+    cfg_path = epath.Path(workdir) / "config.json"   # local or gs://...
+    if not cfg_path.exists():
       raise FileNotFoundError(f"{workdir} is not a tokenizer training workdir (no config.json)")
-    with open(cfg_path, encoding="utf-8") as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if os.path.isdir(ckpt) else []
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint under {ckpt}")
-    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(steps[-1]), "state"))
+    self.config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    state = ocp.StandardCheckpointer().restore(checkpoint.state_dir(workdir))
     self.variables = {"params": state["params"], **(state.get("extra") or {})}
     self.modality = self.config.modality
     self.kind = self.config.get("kind", "vqvae")
@@ -177,7 +174,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
       raise ValueError(f"sam_instance needs the shards' instance map and boxes (missing: "
                        f"{missing}) and a text_tokenizer")
   schema = output_schema(config, in_schema, image_toks, sam_tok)
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)   # local or gs://...
   schema_lib.write_schema(out, schema)
   names = _class_names(config)
   copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
@@ -186,10 +183,10 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   written = records_out = 0
   for path in source.paths:
     final = os.path.join(out, os.path.basename(path))
-    if os.path.exists(final):
+    if epath.Path(final).exists():
       continue
     ds = multimodal.dataset([path], fields=fields, schema=in_schema)
-    tmp = final + ".tmp"
+    tmp = paths.staging_path(final)   # local: FINAL.tmp beside it; for gs://, a local temp file
     writer = arm.ArrayRecordWriter(tmp, WRITER_OPTIONS)
     try:
       for start in range(0, len(ds), config.batch_size):
@@ -212,7 +209,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
           raise RuntimeError(f"debug.stop_after_records={config.debug.stop_after_records}")
     finally:
       writer.close()
-    os.replace(tmp, final)
+    paths.publish(tmp, final)   # atomic: the final name only ever names a complete shard
     written += 1
     logging.info("tokenised %s -> %s (%d records)", path, final, len(ds))
   return {"shards": len(source.paths), "written": written, "records": records_out}

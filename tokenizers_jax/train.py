@@ -112,7 +112,23 @@ class _Field(grain.transforms.Map):
     return {"x": prepare(self.modality, element[self.field])}
 
 
-def _dataset(data_cfg, spec: str, modality: str, split: str) -> grain.MapDataset:
+def _dataset(data_cfg, spec: str, modality: str, split: str,
+             min_len: int = 0) -> grain.MapDataset:
+  """The records of config key data.{split} (`spec`) as {"x": prepared value}. Raises
+  ValueError/FileNotFoundError naming the key when it is empty, a path is missing, a glob
+  matches nothing or it holds fewer than `min_len` (one global batch) examples."""
+  key = f"data.{split}"
+  if not spec.strip():
+    raise ValueError(f"config key '{key}' is empty: set --config.{key}=arrayrecord:GLOB "
+                     "(pseudo-labelled shards), or scenes:N / synthetic_poses:N for a toy run")
+  ds = _records(data_cfg, spec, modality, split, key)
+  if len(ds) < min_len:
+    raise ValueError(f"config key '{key}' ('{spec}') has {len(ds)} examples, fewer than one "
+                     f"global batch of {min_len}")
+  return ds
+
+
+def _records(data_cfg, spec: str, modality: str, split: str, key: str) -> grain.MapDataset:
   kind, _, arg = spec.partition(":")
   seed = data_cfg.scenes_seed if split == "train" else data_cfg.scenes_seed + 1_000_003
   if kind == "scenes":
@@ -125,9 +141,9 @@ def _dataset(data_cfg, spec: str, modality: str, split: str) -> grain.MapDataset
     return grain.MapDataset.source(_SyntheticPoses(int(arg or 100_000), seed))
   if kind == "arrayrecord":
     field = data_cfg.field or modality
-    return multimodal.dataset(arg, fields=(field,)).map(_Field(field, modality))
-  raise ValueError(f"tokenizer data spec {spec!r}: use scenes:N, arrayrecord:GLOB or "
-                   "synthetic_poses:N")
+    return multimodal.dataset(arg, fields=(field,), key=key).map(_Field(field, modality))
+  raise ValueError(f"config key '{key}': tokenizer data spec {spec!r}: use scenes:N, "
+                   "arrayrecord:GLOB or synthetic_poses:N")
 
 
 def to_rgb(modality: str, x: np.ndarray) -> np.ndarray:
@@ -260,13 +276,13 @@ def build_task(config) -> loop.Task:
   def train_data(rows):
     ds = _dataset(config.data, config.data.train, config.modality, "train")
     ds = ds.shuffle(seed=config.seed).repeat(None)
-    ds = pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
+    ds = pipeline.ProcessRows(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.threads,
                                                 prefetch_buffer_size=2))
 
   def eval_data(rows):
-    ds = _dataset(config.data, config.data.eval, config.modality, "eval")
-    return pipeline.ProcessRows(ds, config.batch_size, *rows).batch(rows[1], drop_remainder=True)
+    ds = _dataset(config.data, config.data.eval, config.modality, "eval", config.batch_size)
+    return pipeline.ProcessRows(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
 
   if kind == "diffusion":
     recon_fn = jax.jit(lambda p, e, x: diffusion.reconstruct(
@@ -283,20 +299,35 @@ def build_task(config) -> loop.Task:
     x = np.stack([ds[i]["x"] for i in range(n)])
     recon = multihost_utils.process_allgather(recon_fn(params, extra, jnp.asarray(x)),
                                               tiled=True)
-    if jax.process_index() == 0:
-      import os
-      os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
+    if jax.process_index() == 0:   # through epath: the workdir may be gs://...
+      import io
+      from etils import epath
+      out = epath.Path(workdir) / "reconstructions"
+      out.mkdir(parents=True, exist_ok=True)
+      png = io.BytesIO()
       Image.fromarray(reconstruction_grid(config.modality, x, np.asarray(recon))).save(
-          os.path.join(workdir, "reconstructions", f"step_{step:06d}.png"))
+          png, format="png")
+      (out / f"step_{step:06d}.png").write_bytes(png.getvalue())
 
   vector = kind == "mlp_vae"
   return loop.Task(init_params=init_params, loss_fn=vector_loss if vector else loss_fn,
                    train_data=train_data,
-                   eval_data=eval_data, init_extra=None if vector else init_extra,
+                   eval_data=eval_data if config.data.get("eval") else None,
+                   init_extra=None if vector else init_extra,
                    on_eval=None if vector else on_eval)
 
 
+def check_data(config) -> None:
+  """data.train is set (full-size variants have no default data), before anything is built."""
+  if not config.data.train.strip():
+    raise ValueError(
+        f"config key 'data.train' is empty: the {config.get('variant', '?')} variant has no "
+        "default data; set --config.data.train=arrayrecord:GLOB (pseudo-labelled shards of "
+        "fourm_jax.pseudo_label), or scenes:N / synthetic_poses:N for a toy run")
+
+
 def main(config, workdir):
+  check_data(config)
   loop.train(config, workdir, build_task(config))
 
 

@@ -4,6 +4,10 @@
   python -m aimjax.train --config=configs/aim/pretrain.py:variant=0.6B --workdir=gs://... \
       --config.data.train='arrayrecord:/data/dfn/*.array_record@0.8,tfds:imagenet2012/train@0.2'
 
+The full-size variants have no default data: without --config.data.train they
+stop at start saying so, and they validate only when --config.data.eval names a
+source of at least one global batch (4096 images).
+
 The tiny variant trains on the embedded procedural scenes in about a minute
 on a 2-core CPU; its loss falls from about 1.3 to about 0.6 in 300 steps
 (validation loss about 0.57).
@@ -55,8 +59,9 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.mesh.dcn_tensor = 1                        # tensor-parallel degree across slices/hosts
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = "scenes"                      # spec: kind:arg@weight,... (pretrain_jax/data/pipeline.py)
-  c.data.eval = "scenes:256"                   # one source for validation loss
+  # Full-size variants have no default data: set data.train (and data.eval to validate).
+  c.data.train = "scenes" if tiny else ""      # spec: kind:arg@weight,... (pretrain_jax/data/pipeline.py)
+  c.data.eval = "scenes:256" if tiny else ""   # one source for validation loss ('' = none)
   c.data.eval_batches = 4                      # batches per evaluation (0 = all)
   c.data.image_size = 56 if tiny else 224      # crop size in pixels
   c.data.crop_scale = (0.4, 1.0)               # random resized crop area range (paper Table 3c)
@@ -108,5 +113,6 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
 
   c.debug = ml_collections.ConfigDict()
   c.debug.crash_at_step = 0                    # fault injection: SIGKILL self after this step (tests)
+  c.debug.crash_process = -1                   # ...in this process only (-1: every process)
   c.debug.nan_at_step = 0                      # fault injection: NaN gradients (finite loss) at this step (tests)
   return c

@@ -219,5 +219,5 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.optimizer.layer_decay = 1.0
   c.optimizer.no_decay = ()
 
-  c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "nan_at_step": 0})
+  c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "crash_process": -1, "nan_at_step": 0})
   return c

@@ -9,13 +9,14 @@
 target 'global': a global embedding field (default `aim_global`, written by the
 aim_features labeller) -> 16 tokens of vocab 8192, cosine loss; 'pose': SMPL
 body pose [207] -> 8 tokens of vocab 1024, smooth L1 (data: synthetic poses by
-default, tokenizers_jax.poses, since none can be downloaded here). variant
-'paper': 6 blocks of width 1024; 'tiny': trains in seconds on CPU.
+default for 'tiny', tokenizers_jax.poses, since none can be downloaded here).
+variant 'paper': 6 blocks of width 1024, no default data (set data.train, and
+data.eval to validate); 'tiny': trains in seconds on CPU.
 """
 import ml_collections
 
-TARGETS = {  # target -> (tokens, vocab, default data, record field)
-    "global": (16, 8192, "arrayrecord:", "aim_global"),
+TARGETS = {  # target -> (tokens, vocab, default data of the tiny variant, record field)
+    "global": (16, 8192, "", "aim_global"),
     "pose": (8, 1024, "synthetic_poses:100000", "body_pose"),
 }
 
@@ -51,8 +52,8 @@ def get_config(arg: str = "target=pose,variant=tiny") -> ml_collections.ConfigDi
       {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = data                   # arrayrecord:GLOB, or synthetic_poses:N for poses
-  c.data.eval = "synthetic_poses:512" if opts["target"] == "pose" else "arrayrecord:"
+  c.data.train = data if tiny else ""   # arrayrecord:GLOB, or synthetic_poses:N for poses
+  c.data.eval = "synthetic_poses:512" if tiny and opts["target"] == "pose" else ""   # '' = none
   c.data.eval_batches = 4
   c.data.field = field                  # record field for arrayrecord data
   c.data.resolution = 0                 # unused (vectors)
@@ -79,5 +80,5 @@ def get_config(arg: str = "target=pose,variant=tiny") -> ml_collections.ConfigDi
   c.optimizer.layer_decay = 1.0
   c.optimizer.no_decay = ()
 
-  c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "nan_at_step": 0})
+  c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "crash_process": -1, "nan_at_step": 0})
   return c

@@ -8,7 +8,9 @@ Arguments: modality (rgb, depth, normals, semantic, edges, sam_mask, features) a
 encoder and decoder at 224 px with the paper's codebook for the modality).
 'features' tokenizes feature maps of pseudo-labelled shards (the aim_features
 labeller's [K, D] maps, one token per feature vector, smooth L1): pass
---config.data.train/eval=arrayrecord:GLOB.
+--config.data.train/eval=arrayrecord:GLOB. B16 has no default data either: set
+--config.data.train (and data.eval, at least one batch, to validate), or it
+stops at start naming the key.
 """
 import ml_collections
 
@@ -47,12 +49,13 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
       {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = "scenes:20000"        # scenes:N (rendered) or arrayrecord:GLOB (pseudo-labelled)
-  c.data.eval = "scenes:128"
+  # scenes:N (rendered) or arrayrecord:GLOB (pseudo-labelled); '' (B16, features): set it
+  c.data.train = "scenes:20000" if tiny else ""
+  c.data.eval = "scenes:128" if tiny else ""   # '' = no validation
   c.data.eval_batches = 4
   c.data.field = "aim_features" if c.modality == "features" else ""   # arrayrecord field
   if c.modality == "features":         # feature maps come from pseudo-labelled shards
-    c.data.train = c.data.eval = "arrayrecord:"
+    c.data.train = c.data.eval = ""
   # SAM instance masks are 64 x 64 crops -> 16 tokens at patch 16 (4M-21 App. D.3)
   c.data.resolution = 64 if c.modality == "sam_mask" else (32 if tiny else 224)
   if c.modality == "features":         # the grid side; 0 = read from the data
@@ -87,5 +90,5 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
   c.optimizer.layer_decay = 1.0
   c.optimizer.no_decay = ()
 
-  c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "nan_at_step": 0})
+  c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "crash_process": -1, "nan_at_step": 0})
   return c

@@ -80,13 +80,15 @@ class DecodeModalities(grain.transforms.Map):
 
 def dataset(pattern, fields: Sequence[str] | None = None,
             schema: schema_lib.Schema | None = None, skip_corrupt: bool = False,
-            seed: int | None = None) -> grain.MapDataset:
+            seed: int | None = None, key: str | None = None) -> grain.MapDataset:
   """A Grain MapDataset of decoded, checked records (shuffled when `seed` is given).
 
-  pattern: glob, comma-separated paths or a list, as for ArrayRecordSource.
-  fields: the modalities to decode (default: every field of the schema).
+  pattern: glob, comma-separated paths or a list, as for ArrayRecordSource (local or
+  gs://...). fields: the modalities to decode (default: every field of the schema).
+  key: the config key `pattern` came from, named when it is empty, a path is missing or
+  a glob matches nothing. Nothing is read but the shards' record counts and schema.
   """
-  source = ArrayRecordSource(pattern)
+  source = ArrayRecordSource(pattern, key=key)
   if schema is None:
     dirs = sorted({os.path.dirname(p) for p in source.paths})
     schemas = [schema_lib.read_schema(d) for d in dirs]

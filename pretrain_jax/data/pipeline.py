@@ -23,8 +23,10 @@ the device.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import logging
 import threading
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -34,8 +36,10 @@ from pretrain_jax.data import transforms
 from pretrain_jax.data.errors import DataError
 
 
-def parse_spec(spec: str) -> list[tuple[str, str, float]]:
-  """'kind:arg@w,kind:arg@w' -> [(kind, arg, weight)], weights normalised."""
+def parse_spec(spec: str, key: str | None = None) -> list[tuple[str, str, float]]:
+  """'kind:arg@w,kind:arg@w' -> [(kind, arg, weight)], weights normalised. key: the
+  config key the spec came from, named in the errors."""
+  where = f"config key '{key}': " if key else ""
   parts = []
   for item in (s.strip() for s in spec.split(",")):
     if not item:
@@ -46,38 +50,48 @@ def parse_spec(spec: str) -> list[tuple[str, str, float]]:
       try:
         weight = float(w)
       except ValueError:
-        raise ValueError(f"data spec '{spec}': weight '{w}' is not a number") from None
+        raise ValueError(f"{where}data spec '{spec}': weight '{w}' is not a number") from None
       if weight <= 0:
-        raise ValueError(f"data spec '{spec}': weights must be positive, got {weight}")
+        raise ValueError(f"{where}data spec '{spec}': weights must be positive, got {weight}")
     kind, _, arg = item.partition(":")
     if kind not in ("scenes", "arrayrecord", "tfds", "folder", "webdataset"):
       raise ValueError(
-          f"data spec '{spec}': unknown source kind '{kind}' (use scenes, arrayrecord, tfds, "
-          "folder or webdataset)")
+          f"{where}data spec '{spec}': unknown source kind '{kind}' (use scenes, arrayrecord, "
+          "tfds, folder or webdataset)")
     parts.append((kind, arg, weight))
   if not parts:
-    raise ValueError(f"data spec '{spec}' names no source")
+    hint = f"; set --config.{key}=KIND:ARG (kinds: module docstring)" if key else ""
+    raise ValueError(f"{where}data spec '{spec}' names no source{hint}")
   total = sum(w for _, _, w in parts)
   return [(k, a, w / total) for k, a, w in parts]
 
 
-def make_source(kind: str, arg: str, data_cfg, split: str):
+def make_source(kind: str, arg: str, data_cfg, split: str, key: str | None = None):
+  """The source of one spec item. key: the config key the spec came from (default
+  'data.{split}'), named when a path is missing, a glob matches nothing or `arg` is empty."""
+  key = key or f"data.{split}"
   if kind == "scenes":
-    num = int(arg) if arg else data_cfg.get("scenes_num", 100_000)
+    try:
+      num = int(arg) if arg else data_cfg.get("scenes_num", 100_000)
+    except ValueError:
+      raise ValueError(f"config key '{key}': scenes:N needs a number, got 'scenes:{arg}'") from None
     return sources_lib.ScenesSource(num, seed=data_cfg.get("scenes_seed", 0),
                                     resolution=data_cfg.get("scenes_resolution", 64), split=split)
+  if not arg.strip():
+    raise ValueError(f"config key '{key}': '{kind}:' names no path (use {kind}:PATH)")
   if kind == "arrayrecord":
     return sources_lib.ArrayRecordSource(arg, data_cfg.get("image_key", "image"),
-                                         data_cfg.get("label_key", "label"))
+                                         data_cfg.get("label_key", "label"), key=key)
   if kind == "tfds":
     name, _, tfds_split = arg.partition("/")
     return sources_lib.TfdsSource(name, tfds_split or split, data_cfg.get("tfds_data_dir") or None,
                                   data_cfg.get("image_key", "image"),
-                                  data_cfg.get("label_key", "label"))
+                                  data_cfg.get("label_key", "label"), key=key)
   if kind == "webdataset":
     from pretrain_jax.data import webdataset
-    return webdataset.WebDatasetSource(arg, data_cfg.get("webdataset_image_modality", "rgb"))
-  return sources_lib.ImageFolderSource(arg)
+    return webdataset.WebDatasetSource(arg, data_cfg.get("webdataset_image_modality", "rgb"),
+                                       key=key)
+  return sources_lib.ImageFolderSource(arg, key=key)
 
 
 class Decode(grain.transforms.Map):
@@ -140,16 +154,19 @@ class EvalTransform(grain.transforms.Map):
 class ProcessRows(grain.MapDataset):
   """This process's share of every global batch.
 
-  Element i is element (i // count) * batch + start + i % count of the
-  parent: the rows [start, start + count) of each global batch of `batch`.
+  rows: the sorted global row indices this process feeds (`partitioning.process_rows`;
+  any set, contiguous or not). Element i is element (i // n) * batch + rows[i % n] of
+  the parent (n = len(rows)): the process's rows of each global batch, in order.
   """
 
-  def __init__(self, parent: grain.MapDataset, batch: int, start: int, count: int):
+  def __init__(self, parent: grain.MapDataset, batch: int, rows: Sequence[int]):
     super().__init__(parent)
-    if not (0 <= start and count > 0 and start + count <= batch):
-      raise ValueError(f"rows [{start}, {start + count}) do not fit a global batch of {batch}")
-    self._batch, self._start, self._count = batch, start, count
-    self._length = (len(parent) // batch) * count
+    rows = tuple(int(r) for r in rows)
+    if not rows or list(rows) != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch:
+      raise ValueError(f"rows {_short(rows)} are not sorted distinct rows of a global batch "
+                       f"of {batch}")
+    self._batch, self._rows = batch, rows
+    self._length = (len(parent) // batch) * len(rows)
 
   def __len__(self) -> int:
     return self._length
@@ -157,11 +174,15 @@ class ProcessRows(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    b, j = divmod(index, self._count)
-    return self._parent[b * self._batch + self._start + j]
+    b, j = divmod(index, len(self._rows))
+    return self._parent[b * self._batch + self._rows[j]]
 
   def __str__(self) -> str:
-    return f"ProcessRows(batch={self._batch}, start={self._start}, count={self._count})"
+    return f"ProcessRows(batch={self._batch}, rows={_short(self._rows)})"
+
+
+def _short(rows) -> str:
+  return str(list(rows)) if len(rows) <= 8 else f"[{rows[0]}, ..., {rows[-1]}] ({len(rows)})"
 
 
 class RepeatEach(grain.MapDataset):
@@ -206,6 +227,31 @@ class RepeatEach(grain.MapDataset):
     return f"RepeatEach(n={self._n})"
 
 
+class Chain(collections.abc.Sequence):
+  """The elements of several datasets one after another (e.g. the eval batches of each of
+  4M's datasets). Lazy: building it reads nothing; each iteration reads afresh."""
+
+  def __init__(self, parts):
+    self._parts = list(parts)
+    self._starts = np.cumsum([0] + [len(p) for p in self._parts])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} elements")
+    index %= len(self)
+    k = int(np.searchsorted(self._starts, index, side="right") - 1)
+    return self._parts[k][int(index - self._starts[k])]
+
+  def __iter__(self):
+    for part in self._parts:
+      yield from part
+
+
 def repeated(ds: grain.MapDataset, n: int, seed: int, window: int = 256) -> grain.MapDataset:
   """`ds` (already shuffled) with each record n times, the copies shuffled within windows of
   `window` records (n * window elements): like the official loader's shuffle buffer after
@@ -218,29 +264,29 @@ def repeated(ds: grain.MapDataset, n: int, seed: int, window: int = 256) -> grai
       RepeatEach(ds, n, cache=window), window_size=n * window, seed=seed)
 
 
-def _rows(batch_size: int, rows: tuple[int, int] | None) -> tuple[int, int]:
+def _rows(batch_size: int, rows: Sequence[int] | None) -> tuple[int, ...]:
   if batch_size <= 0:
     raise ValueError(f"config key 'batch_size' must be a positive int, got {batch_size}")
-  return (0, batch_size) if rows is None else (int(rows[0]), int(rows[1]))
+  return tuple(range(batch_size)) if rows is None else tuple(rows)
 
 
 def train_dataset(data_cfg, batch_size: int, seed: int,
-                  rows: tuple[int, int] | None = None) -> grain.IterDataset:
+                  rows: Sequence[int] | None = None) -> grain.IterDataset:
   """Infinite, shuffled, augmented batches: this process's rows of each global batch.
 
-  batch_size: the global batch. rows: (start, count) of the rows this
-  process feeds (default: all, for one process).
+  batch_size: the global batch. rows: the sorted global row indices this process
+  feeds (`partitioning.process_rows`; default: all, for one process).
   data_cfg keys: train (spec), image_size, crop_scale, flip, skip_corrupt,
   workers, threads, and per-kind keys (scenes_*, tfds_data_dir, image_key...).
-  Yields {"image": uint8 [count, S, S, 3], "label": int32 [count],
-  "valid": float32 [count]}.
+  Yields {"image": uint8 [n, S, S, 3], "label": int32 [n], "valid": float32 [n]},
+  n = len(rows).
   """
-  start, count = _rows(batch_size, rows)
+  rows = _rows(batch_size, rows)
   lo, hi = data_cfg.crop_scale
   if not 0 < lo <= hi <= 1:
     raise ValueError(f"config key 'data.crop_scale' must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
   parts = []
-  for k, (kind, arg, weight) in enumerate(parse_spec(data_cfg.train)):
+  for k, (kind, arg, weight) in enumerate(parse_spec(data_cfg.train, "data.train")):
     src = make_source(kind, arg, data_cfg, "train")
     ds = grain.MapDataset.source(src).shuffle(seed=seed + 7919 * k).repeat(None)
     ds = ds.map(Decode(src, data_cfg.image_size, data_cfg.skip_corrupt))
@@ -252,7 +298,7 @@ def train_dataset(data_cfg, batch_size: int, seed: int,
   # Selecting rows last (the datasets are lazy, so nothing else is read)
   # keeps every example, augmentation included, where it is in the global
   # stream, whatever the number of processes.
-  ds = ProcessRows(ds, batch_size, start, count).batch(count, drop_remainder=True)
+  ds = ProcessRows(ds, batch_size, rows).batch(len(rows), drop_remainder=True)
   # prefetch_buffer_size counts batches here.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.threads,
                                                prefetch_buffer_size=2))
@@ -262,15 +308,15 @@ def train_dataset(data_cfg, batch_size: int, seed: int,
 
 
 def eval_batches(data_cfg, batch_size: int, num_batches: int,
-                 rows: tuple[int, int] | None = None):
+                 rows: Sequence[int] | None = None):
   """Finite, unshuffled evaluation batches of the data_cfg.eval source.
 
   Every process gets the same number of batches (from the global length),
   each holding its `rows` of the global batch; a partial last global batch
   is dropped. Raises ValueError when not one global batch fits.
   """
-  start, count = _rows(batch_size, rows)
-  (kind, arg, _), *rest = parse_spec(data_cfg.eval)
+  rows = _rows(batch_size, rows)
+  (kind, arg, _), *rest = parse_spec(data_cfg.eval, "data.eval")
   if rest:
     raise ValueError(f"config key 'data.eval' must name one source, got '{data_cfg.eval}'")
   src = make_source(kind, arg, data_cfg, "eval")
@@ -280,6 +326,6 @@ def eval_batches(data_cfg, batch_size: int, num_batches: int,
   ds = grain.MapDataset.source(src)
   ds = ds.map(Decode(src, data_cfg.image_size, data_cfg.skip_corrupt))
   ds = ds.map(EvalTransform(data_cfg.image_size))
-  ds = ProcessRows(ds, batch_size, start, count).batch(count, drop_remainder=True)
+  ds = ProcessRows(ds, batch_size, rows).batch(len(rows), drop_remainder=True)
   n = min(num_batches, len(ds)) if num_batches > 0 else len(ds)
   return ds[:n]

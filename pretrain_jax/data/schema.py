@@ -18,6 +18,9 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from pretrain_jax import paths
 
 KINDS = ("image", "array", "text", "scalar", "map")
 SCHEMA_FILE = "schema.json"
@@ -83,20 +86,17 @@ Schema = dict[str, FieldSpec]
 
 
 def write_schema(directory: str, schema: Schema) -> None:
-  """Writes `directory/schema.json` atomically."""
-  path = os.path.join(directory, SCHEMA_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"fields": {k: v.to_json() for k, v in sorted(schema.items())}}, f, indent=1)
-  os.replace(path + ".tmp", path)
+  """Writes `directory/schema.json` atomically (directory: local or gs://...)."""
+  paths.write_text(os.path.join(directory, SCHEMA_FILE), json.dumps(
+      {"fields": {k: v.to_json() for k, v in sorted(schema.items())}}, indent=1))
 
 
 def read_schema(directory: str) -> Schema:
-  path = os.path.join(directory, SCHEMA_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / SCHEMA_FILE
+  if not path.exists():
     raise FileNotFoundError(f"no {SCHEMA_FILE} in {directory}: these shards were not written by "
                             "the pseudo-labelling pipeline (pass the fields' specs explicitly)")
-  with open(path, encoding="utf-8") as f:
-    return {k: FieldSpec.from_json(v) for k, v in json.load(f)["fields"].items()}
+  return {k: FieldSpec.from_json(v) for k, v in json.loads(path.read_text())["fields"].items()}
 
 
 def problems(record: dict[str, Any], schema: Schema) -> list[str]:

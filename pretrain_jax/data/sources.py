@@ -5,6 +5,11 @@ record for error messages (`shard-00003.array_record[17]`, a file path,
 `tfds:imagenet2012/train[5]`), and `decode(payload)` turns the payload into
 `{"image": uint8 [H, W, 3], "label": int32}`. Decoding runs in Grain's map
 step (worker processes when configured), not in `__getitem__`.
+
+Paths and globs may be local or URLs (gs://...): they go through etils.epath
+(pretrain_jax/paths.py). A constructor given `key` (the config key the path
+came from, e.g. 'data.train') names it when a path is missing or a glob
+matches nothing, so a bad path fails at start, not at the first read.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from pretrain_jax import paths as paths_lib
 from pretrain_jax.data import records
 
 # Random access: no readahead (the default reads up to 16 MB ahead per lookup).
@@ -22,32 +29,53 @@ _READ_OPTIONS = "readahead_buffer_size:0"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
+def key_prefix(key: str | None) -> str:
+  """The start of an error message: "config key 'KEY': ", or '' without a key."""
+  return f"config key '{key}': " if key else ""
+
+
+def expand(pattern, key: str | None = None) -> list[str]:
+  """Paths of a glob, a comma-separated list of paths/globs, or a list of paths, in order
+  (each glob's matches sorted). Raises ValueError for an empty pattern and
+  FileNotFoundError naming `key` and the path for a missing path or an empty glob."""
+  globs = isinstance(pattern, str)   # the items of a list are literal paths
+  parts = pattern.split(",") if globs else list(pattern)
+  out = []
+  for part in parts:
+    part = os.fspath(part).strip()
+    if not part:
+      raise ValueError(f"{key_prefix(key)}names no path (got {pattern!r}); set it to a path "
+                       "or a glob of shards")
+    if globs and glob.has_magic(part):
+      matched = paths_lib.glob(part)
+      if not matched:
+        raise FileNotFoundError(f"{key_prefix(key)}no files match {part}")
+      out.extend(matched)
+    elif epath.Path(part).exists():
+      out.append(part)
+    else:
+      raise FileNotFoundError(f"{key_prefix(key)}path not found: {part}")
+  return out
+
+
 class ArrayRecordSource:
   """Records of `records.py`'s format in one or more ArrayRecord shards.
 
-  pattern: a glob, a comma-separated list of paths, or a list of paths.
+  pattern: a glob, a comma-separated list of paths, or a list of paths (local or
+  gs://...). key: the config key it came from, for error messages.
   """
 
-  def __init__(self, pattern, image_key: str = "image", label_key: str = "label"):
-    if isinstance(pattern, str):
-      paths = []
-      for part in pattern.split(","):
-        matched = sorted(glob.glob(part))
-        if not matched:
-          raise FileNotFoundError(f"no ArrayRecord shards match '{part}'")
-        paths.extend(matched)
-    else:
-      paths = list(pattern)
+  def __init__(self, pattern, image_key: str = "image", label_key: str = "label",
+               key: str | None = None):
+    paths = expand(pattern, key)
     from array_record.python import array_record_module as arm
     self.paths = paths
     counts = []
     for p in paths:
-      if not os.path.exists(p):
-        raise FileNotFoundError(f"ArrayRecord shard not found: {p}")
       try:
         reader = arm.ArrayRecordReader(p, _READ_OPTIONS)
       except Exception as e:  # the C++ reader raises plain RuntimeError/ValueError
-        raise ValueError(f"cannot open ArrayRecord shard {p}: {e}") from e
+        raise ValueError(f"{key_prefix(key)}cannot open ArrayRecord shard {p}: {e}") from e
       counts.append(reader.num_records())
       reader.close()
     self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -97,13 +125,14 @@ class TfdsSource:
   """A TFDS dataset in array_record format, by name and `data_dir` (`tfds.data_source`)."""
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
-               image_key: str = "image", label_key: str = "label"):
+               image_key: str = "image", label_key: str = "label", key: str | None = None):
     import tensorflow_datasets as tfds
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
     except Exception as e:
       raise FileNotFoundError(
-          f"TFDS dataset '{name}' split '{split}' not available in data_dir={data_dir!r}: {e}. "
+          f"{key_prefix(key)}TFDS dataset '{name}' split '{split}' not available in "
+          f"data_dir={data_dir!r}: {e}. "
           "Prepare it with `tfds build` (file_format=array_record) first.") from e
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
@@ -128,26 +157,32 @@ class TfdsSource:
 class ImageFolderSource:
   """root/CLASS_NAME/*.jpg; labels are the sorted class folder indices.
 
-  Images directly under `root` (no class folders) get label -1.
+  Images directly under `root` (no class folders) get label -1. root may be
+  local or gs://...; key: the config key it came from, for error messages.
   """
 
-  def __init__(self, root: str):
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  def __init__(self, root: str, key: str | None = None):
+    if not str(root).strip():
+      raise ValueError(f"{key_prefix(key)}names no image folder (use folder:DIR)")
+    top = epath.Path(root)
+    if not top.is_dir():
+      raise FileNotFoundError(f"{key_prefix(key)}image folder not found: {root}")
+    entries = sorted(p.name for p in top.iterdir())
+    classes = [d for d in entries if (top / d).is_dir()]
     files, labels = [], []
     for label, cls in enumerate(classes):
-      for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+      for dirpath, names in sorted((os.fspath(d), n) for d, _, n in (top / cls).walk()):
         for n in sorted(names):
           if n.lower().endswith(IMAGE_EXTENSIONS):
             files.append(os.path.join(dirpath, n))
             labels.append(label)
-    for n in sorted(os.listdir(root)):
+    for n in entries:
       if n.lower().endswith(IMAGE_EXTENSIONS):
         files.append(os.path.join(root, n))
         labels.append(-1)
     if not files:
-      raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+      raise FileNotFoundError(
+          f"{key_prefix(key)}no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     self.files, self.labels, self.classes = files, labels, classes
 
   def __len__(self) -> int:
@@ -158,7 +193,7 @@ class ImageFolderSource:
 
   def decode(self, payload) -> dict[str, Any]:
     path, label = payload
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       return {"image": records.decode_image(f.read()), "label": np.int32(label)}
 
 

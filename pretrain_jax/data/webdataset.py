@@ -7,17 +7,19 @@ modality folders (`ROOT/rgb/shard-00000.tar:000123.jpg` and
 `ROOT/caption/shard-00000.tar:000123.txt`). The image modality is indexed
 once (member offsets, no extraction); other modalities are looked up by key.
 Records are in the order of the sorted shards and, within a shard, of the tar.
+ROOT may be local or gs://... (read through etils.epath).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import tarfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from pretrain_jax import paths as paths_lib
 from pretrain_jax.data import records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -35,7 +37,7 @@ def _index(paths: list[str], extensions) -> list[tuple[str, str, int, int]]:
   """[(key, path, offset, size)] of the members of `paths` whose extension is in `extensions`."""
   out = []
   for path in paths:
-    with tarfile.open(path, "r:") as tar:
+    with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
       for member in tar:
         if member.isfile():
           key, ext = _split_name(member.name)
@@ -45,7 +47,7 @@ def _index(paths: list[str], extensions) -> list[tuple[str, str, int, int]]:
 
 
 def _read(path: str, offset: int, size: int) -> bytes:
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     f.seek(offset)
     return f.read(size)
 
@@ -58,14 +60,17 @@ class WebDatasetSource:
   from their "caption" field.
   """
 
-  def __init__(self, root: str, image_modality: str = "rgb", caption_modality: str = "caption"):
-    paths = sorted(glob.glob(os.path.join(root, image_modality, "*.tar")))
+  def __init__(self, root: str, image_modality: str = "rgb", caption_modality: str = "caption",
+               key: str | None = None):
+    where = f"config key '{key}': " if key else ""
+    pattern = os.path.join(root, image_modality, "*.tar")
+    paths = paths_lib.glob(pattern)
     if not paths:
-      raise FileNotFoundError(f"no tar shards under {os.path.join(root, image_modality)} "
+      raise FileNotFoundError(f"{where}no files match {pattern} "
                               "(expected ROOT/{modality}/shard-*.tar)")
     self.root = root
     self._images = _index(paths, IMAGE_EXTENSIONS)
-    text_paths = sorted(glob.glob(os.path.join(root, caption_modality, "*.tar")))
+    text_paths = paths_lib.glob(os.path.join(root, caption_modality, "*.tar"))
     self._captions = {key: (path, off, size) for key, path, off, size in
                       _index(text_paths, TEXT_EXTENSIONS)}
 
