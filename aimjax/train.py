@@ -30,7 +30,10 @@ def make_loss_fn(model: model_lib.AIM, objective_cfg):
       targets = objective.normalize_patches(targets)
     valid = batch.get("valid")
     loss, _ = objective.next_patch_loss(pred, targets, prefix_len, valid)
-    metrics = {}
+    # the loss's denominator (non-prefix patches of valid rows): gradient accumulation weighs
+    # micro-batches by it, so the accumulated loss is this ratio of sums over the whole batch
+    w = objective.loss_weights(prefix_len, pred.shape[1])
+    metrics = {loop.LOSS_WEIGHT: jnp.sum(w if valid is None else w * valid[:, None])}
     if valid is not None:
       metrics["data/invalid"] = jnp.sum(1.0 - valid)
     return loss, metrics

@@ -483,12 +483,13 @@ class FourM(nn.Module):
 
 
 def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
-         num_decoder_tokens: int, loss_type: str = "mod"):
+         num_decoder_tokens: int, loss_type: str = "mod", with_count: bool = False):
   """Cross-entropy of the decoder targets -> (loss, {modality: loss}).
 
   'mod': each target modality's mean over its tokens in the batch, then the
   mean over the target modalities (one without tokens counts 0, as in the
-  official code); 'token': the mean over all target tokens.
+  official code); 'token': the mean over all target tokens. with_count: also
+  return the number of target tokens (the 'token' loss's denominator).
   """
   if loss_type not in ("mod", "token"):
     raise ValueError(f"unknown loss_type {loss_type!r}; use 'mod' or 'token'")
@@ -503,8 +504,10 @@ def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
     per_mod[m.name] = jnp.where(n > 0, (nll * w).sum() / jnp.maximum(n, 1.0), 0.0)
     total, count = total + (nll * w).sum(), count + n
   if loss_type == "token":
-    return total / jnp.maximum(count, 1.0), per_mod
-  return sum(per_mod.values()) / len(per_mod), per_mod
+    value = total / jnp.maximum(count, 1.0)
+  else:
+    value = sum(per_mod.values()) / len(per_mod)
+  return (value, per_mod, count) if with_count else (value, per_mod)
 
 
 def from_config(model_cfg, registry=None) -> FourM:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fourm_jax import masking, modalities, model as model_lib
+from fourm_jax import flops as flops_lib, masking, modalities, model as model_lib
 from pretrain_jax import cli, loop
 from pretrain_jax.data import multimodal, pipeline, transforms
 
@@ -145,9 +145,13 @@ def build_task(config) -> loop.Task:
   def loss_fn(params, batch, rng):
     del rng
     batch = prepare(batch, pixels)
-    total, per_mod = model_lib.loss(model, {"params": params}, batch, n_enc, n_dec,
-                                    config.loss_type)
+    total, per_mod, count = model_lib.loss(model, {"params": params}, batch, n_enc, n_dec,
+                                           config.loss_type, with_count=True)
     metrics = {f"loss/{k}": v for k, v in per_mod.items()}
+    if config.loss_type == "token":
+      # one ratio of sums: gradient accumulation weighs micro-batches by its denominator
+      # (exact); 'mod', a mean of per-modality ratios, has none (see loop.make_train_step)
+      metrics[loop.LOSS_WEIGHT] = count
     metrics["data/invalid"] = jnp.sum(1.0 - batch["valid"])
     if len(names) > 1:
       for i, name in enumerate(names):
@@ -201,6 +205,8 @@ def build_task(config) -> loop.Task:
 
   return loop.Task(init_params=init_params, loss_fn=loss_fn, train_data=train_data,
                    eval_data=eval_data, num_layers=model.encoder_depth + model.decoder_depth,
+                   flops_per_step=flops_lib.train_step_flops(model, config.batch_size, n_enc,
+                                                             n_dec),
                    batch_spec=batch_spec)
 
 

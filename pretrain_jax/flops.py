@@ -25,9 +25,10 @@ def matmul(m: int, k: int, n: int) -> float:
   return 2.0 * m * k * n
 
 
-def attention(batch: int, length: int, width: int) -> float:
-  """Scores (q k^T) plus the weighted sum of values, all heads together."""
-  return 2 * matmul(batch * length, width, length)
+def attention(batch: int, length: int, width: int, kv_length: int | None = None) -> float:
+  """Scores (q k^T) plus the weighted sum of values, all heads together: `length` queries
+  over `kv_length` keys (default `length`: self-attention)."""
+  return 2 * matmul(batch * length, width, length if kv_length is None else kv_length)
 
 
 def train_step_flops(forward_flops: float) -> float:

@@ -116,19 +116,125 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+GRAD_ACCUM_KEY = "optimizer.grad_accum_steps"
+# A metric a loss_fn may return (the train step pops it): the count its loss is a mean over
+# (the denominator of a ratio-of-sums loss, before any max(., 1) clamp; it must not depend on
+# the params). Micro-batch i's loss and gradient are then weighted by w_i / sum(w), which makes
+# an accumulated ratio-of-sums loss equal to the big-batch one; without it they weigh 1 / k.
+LOSS_WEIGHT = "loss_weight"
+# Metrics that are counts over the batch: summed over micro-batches (the rest are averaged).
+SUMMED_METRICS = frozenset({"data/invalid"})
+
+
+def check_grad_accum_steps(k) -> int:
+  """`optimizer.grad_accum_steps` as a positive int (ValueError naming the key otherwise)."""
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"config key '{GRAD_ACCUM_KEY}' must be a positive int, got {k!r}")
+  return int(k)
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+  """Every leaf [B, ...] -> [k, B/k, ...]; micro-batch i is rows i, i + k, i + 2k, ...
+
+  The strided split keeps rows where they are: the batch is sharded contiguously over
+  ('data', 'fsdp') (device d holds rows [d*b, (d+1)*b), b = B/dp), so when k divides b
+  micro-batch i takes the i-th row of every k-row group of every device's shard, and its
+  rows stay evenly split over all dp devices, each on the device that already holds it.
+  (Contiguous blocks, rows [i*B/k, (i+1)*B/k), would live on dp/k devices only: the others
+  would idle or XLA would move rows between devices.)
+  """
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    return batch
+  b = leaves[0].shape[0]
+  if any(x.ndim == 0 or x.shape[0] != b for x in leaves):
+    raise ValueError(f"'{GRAD_ACCUM_KEY}' > 1 needs every batch leaf to have the batch "
+                     f"size as its leading dimension: {jax.tree.map(jnp.shape, batch)}")
+  if b % k:
+    raise ValueError(f"config key '{GRAD_ACCUM_KEY}' ({k}) must divide the global batch "
+                     f"size ({b})")
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else tuple(a for a in partitioning.BATCH_AXES
+                                     if a in mesh.axis_names)
+  dp = math.prod(mesh.shape[a] for a in axes)
+  if (b // k) % dp:
+    raise ValueError(f"config key '{GRAD_ACCUM_KEY}' ({k}): the micro-batch of {b // k} rows "
+                     f"must split evenly over the data-parallel size mesh.data*mesh.fsdp = "
+                     f"{dp} (global batch {b} = {b // dp} rows per device, which k must "
+                     "divide)")
+
+  def split(x):
+    x = jnp.moveaxis(x.reshape(b // k, k, *x.shape[1:]), 1, 0)
+    if axes:   # [k, B/k, ...]: the micro-batch rows over ('data', 'fsdp'), as the batch
+      x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, axes))
+    return x
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    nan_at_step: int = 0):
+                    nan_at_step: int = 0, grad_accum_steps: int = 1):
   """The jitted update. nan_at_step > 0 poisons that step's gradients while its
   loss stays finite, as a bf16 overflow in the backward pass would (fault
-  injection for tests of the divergence handling)."""
+  injection for tests of the divergence handling).
+
+  grad_accum_steps = k > 1 (`optimizer.grad_accum_steps`): the global batch [B, ...] is
+  split into k micro-batches of B/k rows (rows i::k, see `_micro_batches`; k must divide
+  the rows per data-parallel device, B / (mesh.data * mesh.fsdp)), and a `lax.scan`
+  computes their gradients one after the other (activation memory of B/k rows), summed in
+  float32; one optimizer update follows. Micro-batch i gets the rng fold_in(rng, i), so
+  random draws (AIM's prefix lengths, diffusion noise, codebook restarts) differ from a
+  one-shot step's. The update equals the one-shot big-batch update (to float rounding) when
+  the loss is deterministic and either a mean with equal weight per row (tokenizers'
+  reconstruction and commitment losses) or a ratio of sums whose loss_fn reports its
+  denominator as the metric `LOSS_WEIGHT` (AIM: non-prefix patches of valid rows; 4M
+  'token'). Not exact: a sum of ratios with different denominators (4M's default 'mod'
+  loss, each target modality's mean over its tokens, then their mean) is the 1/k-weighted
+  mean of the micro-batches' 'mod' losses; a modality's token count differs between
+  micro-batches, and one without tokens in a micro-batch counts 0 there. Non-trainable
+  `extra` (VQ codebook EMAs) threads through the scan: the codebook gets k EMA updates of
+  B/k latents each (and later micro-batches quantize with the updated codebook), not one
+  of B. Metrics: loss as weighted above, `SUMMED_METRICS` summed, the rest averaged over
+  micro-batches (nonlinear batch statistics such as codebook perplexity are the
+  micro-batches' mean); grad_norm is that of the accumulated (averaged) gradient.
+  """
+  k = check_grad_accum_steps(grad_accum_steps)
+
+  def grad_fn(params, batch, rng, extra):
+    def loss(params):
+      value, metrics, new_extra = task.loss_and_extra(params, batch, rng, extra)
+      metrics = dict(metrics)
+      weight = metrics.pop(LOSS_WEIGHT, None)
+      return value, (metrics, new_extra, weight)
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  def accumulate(params, batch, rng, extra):
+    """(loss, metrics, new extra, gradient) of the batch, from k micro-batches."""
+    def body(carry, xs):
+      grad_sum, extra = carry
+      i, mb = xs
+      (value, (aux, extra, weight)), grads = grad_fn(params, mb, jax.random.fold_in(rng, i),
+                                                     extra)
+      w = jnp.float32(1.0) if weight is None else jnp.asarray(weight, jnp.float32)
+      grad_sum = jax.tree.map(lambda s, g: s + w * g.astype(jnp.float32), grad_sum, grads)
+      aux = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), aux)
+      return (grad_sum, extra), (w * value.astype(jnp.float32), w, aux)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grad_sum, extra), (losses, weights, aux) = jax.lax.scan(
+        body, (zeros, extra), (jnp.arange(k), _micro_batches(batch, k)))
+    # weights are counts, so a positive sum is >= 1, as under the losses' max(sum(w), 1)
+    norm = jnp.where(jnp.sum(weights) > 0, jnp.sum(weights), 1.0)
+    grads = jax.tree.map(lambda s, p: (s / norm).astype(p.dtype), grad_sum, params)
+    aux = {name: jnp.sum(v, 0) if name in SUMMED_METRICS else jnp.mean(v, 0)
+           for name, v in aux.items()}
+    return jnp.sum(losses) / norm, aux, extra, grads
+
   def train_step(state: ts.TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss(params):
-      value, metrics, extra = task.loss_and_extra(params, batch, rng, state.extra)
-      return value, (metrics, extra)
-
-    (loss_value, (aux, extra)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    if k == 1:
+      (loss_value, (aux, extra, _)), grads = grad_fn(state.params, batch, rng, state.extra)
+    else:
+      loss_value, aux, extra, grads = accumulate(state.params, batch, rng, state.extra)
     if nan_at_step:
       poison = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
       grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
@@ -141,10 +247,11 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   return train_step
 
 
-def jit_train_step(task: Task, tx, schedule, shardings, mesh, nan_at_step: int = 0):
+def jit_train_step(task: Task, tx, schedule, shardings, mesh, nan_at_step: int = 0,
+                   grad_accum_steps: int = 1):
   """The train step jitted with the state's shardings, batch rows over ('data', 'fsdp') and
   the state donated (updated in place). Lower it under `jax.set_mesh(mesh)` and the rules."""
-  step_fn = make_train_step(task, tx, schedule, nan_at_step)
+  step_fn = make_train_step(task, tx, schedule, nan_at_step, grad_accum_steps)
   return jax.jit(step_fn, in_shardings=(shardings, partitioning.batch_sharding(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
 
@@ -193,8 +300,48 @@ def _readable(n: float) -> str:
   return str(int(n))
 
 
-def _to_host(metrics) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+# Steps the host may dispatch ahead of the device (each holds its batch on the device).
+STEPS_AHEAD = 2
+
+
+def fetch_metrics(steps: list[dict]) -> list[dict[str, float]]:
+  """Device metrics of several steps -> host floats, in one `jax.device_get` (the loop's only
+  device-to-host transfer of training metrics; tests count its calls)."""
+  return [{k: float(v) for k, v in row.items()} for row in jax.device_get(steps)]
+
+
+class Profile:
+  """`config.profile_steps = (start, count)`: a jax.profiler trace of steps start ..
+  start + count - 1 in WORKDIR/plugins/profile/<run>/ (TensorBoard's profile plugin reads it:
+  `tensorboard --logdir WORKDIR`). (0, 0) or count 0: off. Every process writes its own
+  host's trace."""
+
+  def __init__(self, steps, workdir: str):
+    try:
+      start, count = (int(x) for x in steps)
+    except (TypeError, ValueError):
+      raise ValueError(f"config key 'profile_steps' must be (start, count), got {steps!r}") from None
+    if count < 0 or (count and start < 1):
+      raise ValueError(f"config key 'profile_steps' = {steps!r}: start must be >= 1 (steps "
+                       "count from 1) and count >= 0")
+    self.start, self.stop, self.workdir, self.active = start, start + count, workdir, False
+
+  def before(self, step: int) -> None:
+    if step == self.start and self.stop > self.start:
+      jax.profiler.start_trace(os.fspath(self.workdir))
+      self.active = True
+      logging.info("Profiling steps %d-%d into %s/plugins/profile", self.start, self.stop - 1,
+                   self.workdir)
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.stop - 1:
+      self.close(state)
+
+  def close(self, state=None) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
@@ -208,6 +355,7 @@ def train(config, workdir: str, task: Task, devices=None) -> dict[str, float]:
 
 
 def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
+  logging.info("Config:\n%s", config)
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:   # what this run was, next to its checkpoints
@@ -262,7 +410,8 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   # ---- compile the step ----
   debug = config.get("debug", {})
   jitted = jit_train_step(task, tx, schedule, shardings, mesh,
-                          int(debug.get("nan_at_step", 0) or 0))
+                          int(debug.get("nan_at_step", 0) or 0),
+                          config.optimizer.get("grad_accum_steps", 1))
   batch_sharding = partitioning.batch_sharding(mesh)
   shard = lambda b: partitioning.shard_batch(b, mesh, config.batch_size)
   first_batch = next(data_iter)
@@ -283,43 +432,57 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   def evaluate():
     sums, n = {}, 0
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      weights = 0.0
       for batch in eval_batches:
         loss, aux = eval_step(state.params, state.extra, shard(batch))
-        for k, v in {"loss": loss, **aux}.items():
+        aux = dict(aux)
+        # a loss that is a ratio of sums (LOSS_WEIGHT = its denominator) is averaged as one
+        weight = float(aux.pop(LOSS_WEIGHT, 1.0))
+        sums["loss"] = sums.get("loss", 0.0) + float(loss) * weight
+        weights += weight
+        for k, v in aux.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
-    return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+    out = {f"eval/{k}": v / max(n, 1) for k, v in sums.items() if k != "loss"}
+    return {"eval/loss": sums.get("loss", 0.0) / max(weights, 1e-12), **out}
 
   # ---- the loop ----
   progress = periodic_actions.ReportProgress(   # logs steps/s and ETA
       num_train_steps=config.total_steps, every_steps=config.log_every)
   last: dict[str, float] = {}
-  pending = None   # (step, device metrics): fetched one step late, never stalling dispatch
+  # (step, device metrics) of the steps dispatched since the last fetch: fetched together
+  # (one device-to-host transfer) at log, eval and checkpoint steps only, so the host
+  # dispatches ahead of the device instead of waiting for every step's loss.
+  queued: list[tuple[int, dict]] = []
   window = {"step": start_step, "time": time.perf_counter(), "invalid": 0.0}
   extra_row = {"perf/compile_s": compile_s}
   crash_at = int(debug.get("crash_at_step", 0) or 0)
   if debug.get("crash_process", -1) not in (-1, jax.process_index()):
     crash_at = 0
+  profile = Profile(config.get("profile_steps", (0, 0)), workdir)
 
-  def finish(item) -> dict[str, float] | None:
-    """Fetches a step's metrics; raises on non-finite values; returns the
-    row to log at this step (None between logging steps)."""
-    step, dev_metrics = item
-    host = _to_host(dev_metrics)
-    window["invalid"] += host.get("data/invalid", 0.0)
-    for key in ("loss", "grad_norm"):
-      if not math.isfinite(host[key]):
-        ckpt.wait_until_finished()
-        raise NonFiniteLossError(
-            f"{key} is {host[key]} at step {step} (loss {host['loss']}); stopping. The last good "
-            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (lower optimizer.lr "
-            "or raise optimizer.warmup_steps, then restart from it).")
-    if step % config.log_every and step != config.total_steps:
+  def fetch(log_now: bool) -> dict[str, float] | None:
+    """Fetches the queued steps' metrics, raises on a non-finite loss or gradient norm at
+    any of them, and returns the last step's row to log (None unless log_now)."""
+    rows = fetch_metrics([m for _, m in queued])
+    steps = [s for s, _ in queued]
+    queued.clear()
+    for step, host in zip(steps, rows):
+      window["invalid"] += host.get("data/invalid", 0.0)
+      for key in ("loss", "grad_norm"):
+        if not math.isfinite(host[key]):
+          ckpt.wait_until_finished()
+          raise NonFiniteLossError(
+              f"{key} is {host[key]} at step {step} (loss {host['loss']}); stopping. The last "
+              f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory} (lower "
+              "optimizer.lr or raise optimizer.warmup_steps, then restart from it).")
+    if not log_now or not rows:
       return None
+    step, host = steps[-1], rows[-1]
     now = time.perf_counter()
-    steps = step - window["step"]
-    if steps > 0:
-      dt = (now - window["time"]) / steps
+    n = step - window["step"]
+    if n > 0:
+      dt = (now - window["time"]) / n
       host["perf/step_time_s"] = dt
       host["perf/examples_per_s"] = config.batch_size / dt
       host["perf/tflops_per_s"] = step_flops / dt / 1e12
@@ -342,19 +505,21 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
     for step in range(start_step + 1, config.total_steps + 1):
       if batch is None:
         batch = next(data_iter)
+      profile.before(step)
       state, dev_metrics = compiled(state, shard(batch))
       batch = None
-      if pending is not None:
-        log(pending[0], finish(pending))
-      pending = (step, dev_metrics)
+      queued.append((step, dev_metrics))
+      if len(queued) > STEPS_AHEAD:   # bounded run-ahead: wait (no transfer) for an old step
+        jax.block_until_ready(queued[-1 - STEPS_AHEAD][1]["loss"])
+      profile.after(step, state)
       progress(step)
+      log_now = step % config.log_every == 0 or step == config.total_steps
       do_eval = eval_step is not None and step % config.eval_every == 0
       stop = preemption.requested or ckpt.reached_preemption(step)
       do_save = step % config.checkpoint_every == 0 or step == config.total_steps or stop
-      if do_eval or do_save:
+      if log_now or do_eval or do_save:
         # Never checkpoint a state produced from a non-finite loss or gradient.
-        row = finish(pending)
-        pending = None
+        row = fetch(log_now)
         if do_eval:
           row = {**(row or {}), **evaluate()}
           if task.on_eval is not None:
@@ -371,8 +536,9 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
         ckpt.wait_until_finished()
         logging.warning("Preempted: saved step %d to %s; exiting cleanly", step, ckpt.directory)
         break
-    if pending is not None:
-      log(pending[0], finish(pending))
+    if queued:
+      log(queued[-1][0], fetch(True))
+    profile.close(state)
   ckpt.wait_until_finished()
   ckpt.close()
   writer.flush()

@@ -4,7 +4,11 @@ global-norm clipping and optional layer-wise learning-rate decay.
 Config keys (`config.optimizer`): `lr` (peak learning rate), `warmup_steps`,
 `end_lr` (final learning rate of the cosine), `b1`, `b2`, `eps`,
 `weight_decay`, `clip_norm` (0 = off), `layer_decay` (1.0 = off),
-`no_decay` (substrings of parameter paths never decayed).
+`no_decay` (substrings of parameter paths never decayed),
+`grad_accum_steps` (default 1: micro-batches per step; the jitted step splits the
+global batch into that many, accumulates their gradients in float32 and makes one
+update; it must divide the rows per data-parallel device; read by the loop and the
+planner, not here: see `pretrain_jax.loop.make_train_step`).
 """
 from __future__ import annotations
 

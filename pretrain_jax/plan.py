@@ -1,12 +1,21 @@
-"""Ahead-of-time plan of a training run: per-device memory, FLOPs, step time, smallest mesh.
+"""Ahead-of-time plan of a training run: per-device memory, FLOPs, step time, mesh that fits.
+
+  pip install -e ".[tpu]"          # libtpu: the TPU compiler, on any CPU-only machine
+  python -m pretrain_jax.plan --config=configs/aim/pretrain.py:variant=7B --topology=v5p:4x4x8
 
   python -m pretrain_jax.plan --config=configs/aim/pretrain.py:variant=7B \\
-      --devices=256 --device_kind=tpu-v5p
+      --devices=128 --device_kind=tpu-v5p          # the CPU compiler: an upper bound
 
-The full-size train step is lowered and compiled for a mesh of `--devices`
-fake CPU devices (`--xla_force_host_platform_device_count`); the state is
-abstract (ShapeDtypeStructs carrying shardings), so no parameter is ever
-allocated. For each remat policy the plan prints, per device:
+With `--topology` (any TPU topology name jax accepts: v4:2x2x4, v5e:4x4, v5p:4x4x8,
+v6e:16x16, ...) the full-size train step is compiled by the TPU compiler for that
+slice's chips (`jax.experimental.topologies`: abstract devices, no TPU needed), and
+the memory figures are the TPU compiler's. Names are kept apart: a v5p-256 is the
+topology v5p:4x4x8, 128 chips, 128 JAX devices (one per chip), 32 hosts. Without
+`--topology` the step is compiled for `--devices` fake CPU devices
+(`--xla_force_host_platform_device_count`), labelled "CPU compiler: an upper bound,
+not the target's figure". Either way the state is abstract (ShapeDtypeStructs
+carrying shardings), so no parameter is ever allocated. For each remat policy the
+plan prints, per device:
 
   params, opt state, batch   exact: the bytes of each array's shard
   gradients                  one sharded copy of the params (inside XLA's temp)
@@ -16,13 +25,19 @@ allocated. For each remat policy the plan prints, per device:
 and the step's FLOPs (the task's analytic model FLOPs, and XLA's count, which
 includes rematerialised recomputation), the step time at `--mfu` of the
 device kind's bf16 peak, and the smallest mesh that fits `--headroom` of the
-device's memory: candidates (fsdp x tensor, data = 1, as MaxText starts) are
-ranked by an estimate scaled from the compiled plan (exact state bytes, the
-activations in proportion to the per-device batch) and the first that fits is
-compiled to confirm it.
+device's memory. On a topology the candidates use all its chips (data x fsdp x
+tensor = chips), smallest fsdp x tensor group first (the least model parallelism,
+as MaxText starts); on fake CPU devices they are fsdp x tensor meshes of fewer
+devices (data = 1), fewest first. Candidates are ranked by an estimate scaled from
+the compiled plan (exact state bytes, the activations in proportion to the
+per-device batch) and the first that fits is compiled to confirm it. When nothing
+fits, the plan says what would: more chips, a smaller batch, another remat policy,
+or gradient accumulation (`optimizer.grad_accum_steps`, which the compiled step
+uses). Progress (which mesh and policy is compiling) goes to stderr.
 
-The numbers are the CPU compiler's: TPU and GPU compilers fuse, schedule and
-overlap collectives differently, so keep the headroom (default 10%) for that.
+The CPU compiler fuses, schedules and overlaps collectives differently from the TPU
+and GPU compilers (its temporaries barely shrink under remat), so its figures are
+upper bounds; keep the headroom (default 10%) for GPU targets, planned that way.
 `--measure` also runs the step on the planned (fake CPU) devices and reports the
 memory it really used: the growth of the process's peak resident memory, shared
 over the fake devices. From Python, `measure(config, task, mesh)` on a GPU/TPU
@@ -42,7 +57,11 @@ import time
 
 from absl import flags
 
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices to plan for (fake CPU devices).")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices (chips) to plan for, as fake "
+                                "CPU devices; ignored with --topology.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology (v4:2x2x4, v5e:4x4, v5p:4x4x8, "
+                                "v6e:16x16, ...): compile with the TPU compiler for its chips "
+                                "(needs libtpu: pip install -e '.[tpu]').")
 _KIND = flags.DEFINE_string("device_kind", "tpu-v5p",
                             "Accelerator to plan for: " + ", ".join(
                                 ["tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "a100-40gb",
@@ -74,6 +93,33 @@ DEVICE_KINDS = {
 # scheduler is closer to what the TPU/GPU schedulers do.
 CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 TASKS = {"aim": "aimjax.train", "fourm": "fourm_jax.train"}
+
+
+TPU_KINDS = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e"}
+
+
+def tpu_devices(name: str) -> list:
+  """The chips of TPU topology `name` as libtpu's compile-only devices (one per chip,
+  carrying coordinates and host ids). Raises ValueError saying how to get libtpu."""
+  import importlib.util
+  from pretrain_jax import topology
+  gen, _ = topology.parse(name)
+  if importlib.util.find_spec("libtpu") is None:
+    raise ValueError("--topology compiles with the TPU compiler (libtpu), which runs on any "
+                     "CPU-only machine: pip install -e '.[tpu]'")
+  from jax.experimental import topologies
+  kwargs = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs).devices)
+
+
+def slice_name(name: str) -> str:
+  """'v5p:4x4x8' -> 'v5p-256': Cloud TPU's accelerator type (v4 and v5p count TensorCores,
+  two per chip; v5e and v6e count chips)."""
+  from pretrain_jax import topology
+  gen, shape = topology.parse(name)
+  chips = math.prod(shape)
+  return {"v4": f"v4-{2 * chips}", "v5p": f"v5p-{2 * chips}", "v5e": f"v5litepod-{chips}",
+          "v6e": f"v6e-{chips}"}[gen]
 
 
 def device_kind(name: str) -> tuple[float, float]:
@@ -141,7 +187,9 @@ def abstract_step(config, task, mesh):
   bsh = partitioning.batch_sharding(mesh)
   batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=bsh),
                        task.batch_spec(config.batch_size))
-  return loop.jit_train_step(task, tx, schedule, shardings, mesh), state, batch, tx
+  accum = int(config.optimizer.get("grad_accum_steps", 1))
+  return (loop.jit_train_step(task, tx, schedule, shardings, mesh, grad_accum_steps=accum),
+          state, batch, tx)
 
 
 def compile_step(config, task, mesh) -> Compiled:
@@ -150,6 +198,10 @@ def compile_step(config, task, mesh) -> Compiled:
   import jax
   from pretrain_jax import loop, partitioning
   jitted, state, batch, _ = abstract_step(config, task, mesh)
+  degrees = "x".join(str(mesh.shape[a]) for a in ("data", "fsdp", "tensor"))
+  compiler = "TPU" if mesh.devices.flat[0].platform == "tpu" else "CPU"
+  progress(f"compiling: remat {config.model.get('remat', 'none')}, mesh {degrees} "
+           f"({mesh.size} devices), {compiler} compiler ...")
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
     t0 = time.perf_counter()
     lowered = jitted.lower(state, batch)
@@ -160,6 +212,7 @@ def compile_step(config, task, mesh) -> Compiled:
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes)
   params = _shard_bytes(state.params)
+  progress(f"  compiled in {t2 - t0:.0f} s: peak {peak / GiB:.2f} GiB per device")
   return Compiled(
       mesh=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
       per_device_batch=config.batch_size / partitioning.data_parallel_size(mesh),
@@ -167,6 +220,11 @@ def compile_step(config, task, mesh) -> Compiled:
       params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
       gradients=params, temp=int(mem.temp_size_in_bytes), peak=int(peak),
       xla_flops=loop.xla_flops(compiled, mesh.size), lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def progress(message: str) -> None:
+  """A progress line on stderr (the plan itself goes to stdout)."""
+  print(f"[plan] {message}", file=sys.stderr, flush=True)
 
 
 def _mesh(devices, degrees):
@@ -185,6 +243,19 @@ def candidates(n_max: int, batch: int, max_tensor: int):
       if t <= max_tensor and n % t == 0 and batch % (n // t) == 0:
         out.append((1, n // t, t))
   return out
+
+
+def candidates_on(n: int, batch: int, max_tensor: int):
+  """(data, fsdp, tensor) meshes of all `n` chips of a slice, the smallest fsdp x tensor group
+  first (then the smaller tensor degree); data x fsdp must divide the global batch."""
+  out = []
+  for t in (1, 2, 4, 8, 16):
+    if t > max_tensor or n % t:
+      continue
+    for f in sorted({2 ** i for i in range(int(math.log2(n // t)) + 1)} | {n // t}):
+      if (n // t) % f == 0 and batch % (n // t) == 0:
+        out.append((n // (t * f), f, t))
+  return sorted(out, key=lambda m: (m[1] * m[2], m[2]))
 
 
 def estimate(base: Compiled, state_bytes: int, params: int, degrees) -> int:
@@ -206,8 +277,9 @@ def state_bytes_on(config, task, mesh) -> tuple[int, int]:
 
 
 def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_tensor: int,
-                 max_compiles: int = 3):
-  """The first candidate mesh (fewest devices) whose compiled peak fits `capacity`.
+                 max_compiles: int = 3, all_devices: bool = False):
+  """The first candidate mesh whose compiled peak fits `capacity`: fewest devices first, or
+  with all_devices (a TPU slice) the smallest fsdp x tensor group over all of them.
 
   Returns (Compiled or None, tried, exhausted): tried lists (mesh, estimated bytes, compiled
   bytes) of the candidates compiled; exhausted is True when the search stopped at
@@ -215,7 +287,8 @@ def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_ten
   """
   tried = []
   compiles = 0
-  for degrees in candidates(len(devices), config.batch_size, max_tensor):
+  pick = candidates_on if all_devices else candidates
+  for degrees in pick(len(devices), config.batch_size, max_tensor):
     mesh = _mesh(devices, degrees)
     try:
       state, params = state_bytes_on(config, task, mesh)
@@ -237,10 +310,6 @@ def smallest_fit(config, task, devices, base: Compiled, capacity: float, max_ten
   return None, tried, False
 
 
-def _size(x: float, unit: str) -> str:
-  return f"{x / GiB:.2f}" if unit == "GiB" else f"{x / 2 ** 20:.1f}"
-
-
 def for_cpu(config, remat: str):
   """A copy of `config` with `model.remat = remat`, compiled with XLA's attention (cuDNN's
   flash attention cannot compile for the CPU; it would need less activation memory)."""
@@ -253,8 +322,10 @@ def for_cpu(config, remat: str):
 
 
 def plan(config, task_for, devices, kind: str, mfu: float, headroom: float, remats,
-         mesh_degrees=None, search: bool = True, max_tensor: int = 8) -> dict:
-  """The plan as a dict (see the module docstring). task_for: config -> Task."""
+         mesh_degrees=None, search: bool = True, max_tensor: int = 8,
+         topology: str = "") -> dict:
+  """The plan as a dict (see the module docstring). task_for: config -> Task. devices: fake
+  CPU devices, or with `topology` the slice's TPU devices (compiled by the TPU compiler)."""
   from pretrain_jax import mesh as mesh_lib
   if not remats:
     raise ValueError("--remat names no policy")
@@ -271,60 +342,116 @@ def plan(config, task_for, devices, kind: str, mfu: float, headroom: float, rema
     per_slice, _ = mesh_lib.mesh_shapes({a: config.mesh[a] for a in axes},
                                         len(devices) // math.prod(dcn))
     ici = tuple(i * d for i, d in zip(per_slice, dcn))
-  out = {"devices": len(devices), "device_kind": kind, "memory_per_device": memory,
+  tpu = bool(topology)
+  out = {"compiler": "tpu" if tpu else "cpu",
+         "compiler_note": ("the TPU compiler's memory analysis for the target's chips" if tpu
+                           else "CPU compiler: an upper bound, not the target's figure"),
+         "topology": topology or None, "accelerator": slice_name(topology) if tpu else None,
+         "devices": len(devices), "chips": len(devices),
+         "hosts": len({d.process_index for d in devices}) if tpu else None,
+         "device_kind": kind, "memory_per_device": memory,
          "peak_flops_per_device": peak_flops, "mfu": mfu, "headroom": headroom,
-         "batch_size": config.batch_size, "mesh": list(ici), "remat": {}}
+         "batch_size": config.batch_size,
+         "grad_accum_steps": int(config.optimizer.get("grad_accum_steps", 1)),
+         "mesh": list(ici), "policies": {}}
   for remat in remats:
     cfg = for_cpu(config, remat)
     task = task_for(cfg)
     base = compile_step(cfg, task, _mesh(devices, ici))
     model_flops = task.flops_per_step
-    row = {**dataclasses.asdict(base), "activations": base.activations,
-           "fits": base.peak <= capacity, "model_flops": model_flops}
-    out["remat"][remat] = row
+    row = {**dataclasses.asdict(base), "bytes_per_device": base.peak,
+           "activations": base.activations, "fits": base.peak <= capacity,
+           "model_flops": model_flops}
+    out["policies"][remat] = row
     if search:
-      best, tried, exhausted = smallest_fit(cfg, task, devices, base, capacity, max_tensor)
+      best, tried, exhausted = smallest_fit(cfg, task, devices, base, capacity, max_tensor,
+                                            all_devices=tpu)
       row["tried"] = [{"mesh": list(m), "estimate": e, "compiled_peak": p} for m, e, p in tried]
       row["search_exhausted"] = exhausted
       row["smallest"] = None if best is None else {
           "mesh": list(best.mesh), "devices": math.prod(best.mesh), "peak": best.peak}
-  name = "none" if "none" in out["remat"] else next(iter(out["remat"]))
-  ref = out["remat"][name]
+  name = "none" if "none" in out["policies"] else next(iter(out["policies"]))
+  ref = out["policies"][name]
   flops = ref["model_flops"] or ref["xla_flops"]   # model FLOPs: no recomputation counted
   out["model_flops"] = flops
   out["model_flops_source"] = ("analytic" if ref["model_flops"] else f"XLA, remat {name}" + (
       "" if name == "none" else ", which counts the recomputation: add 'none' to --remat"))
-  for row in out["remat"].values():
+  for row in out["policies"].values():
     row["step_s_at_mfu"] = flops / (mfu * peak_flops * len(devices))
     if row.get("smallest"):
       row["smallest"]["step_s_at_mfu"] = flops / (mfu * peak_flops * row["smallest"]["devices"])
+  out["suggestions"] = suggestions(out, capacity)
   return out
+
+
+def suggestions(p: dict, capacity: float) -> list[str]:
+  """What would fit when no planned policy does, estimated from the leanest plan: gradient
+  accumulation or a smaller batch (activations scale with the micro-batch), more chips
+  (everything shards over fsdp), another remat policy."""
+  rows = p["policies"]
+  if any(r["fits"] or r.get("smallest") for r in rows.values()):
+    return []
+  name, r = min(rows.items(), key=lambda kv: kv[1]["peak"])
+  state = r["params"] + r["opt_state"] + r["batch"] + r["gradients"]
+  act, batch, dp = r["activations"], p["batch_size"], r["mesh"][0] * r["mesh"][1]
+  gib = lambda x: f"{x / GiB:.1f} GiB"
+  out = []
+  if state < capacity:
+    k = next((k for k in (2, 4, 8, 16, 32, 64) if state + act / k <= capacity
+              and batch % (k * dp) == 0), None)
+    if k:
+      out.append(f"gradient accumulation with remat {name}: --config.optimizer.grad_accum_steps={k}"
+                 f" (micro-batches of {batch // k}; about {gib(state + act / k)} per device)")
+    smaller = int(batch * (capacity - state) / max(act, 1)) // dp * dp
+    if smaller >= dp:
+      out.append(f"a smaller batch with remat {name}: --config.batch_size={smaller} or less")
+  need = p["devices"] * r["peak"] / capacity
+  more = 2 ** math.ceil(math.log2(max(need, 1)))
+  out.append(f"more chips: about {more} with remat {name} (state and activations spread over "
+             f"fsdp; {gib(r['peak'])} per device on {p['devices']} now)")
+  for other in ("block", "dots"):
+    if other not in rows:
+      out.append(f"remat {other}: add it to --remat (saves activation memory)")
+  return out
+
+
+def _size(x: float, unit: str) -> str:
+  return f"{x / GiB:.2f}" if unit == "GiB" else f"{x / 2 ** 20:.1f}"
 
 
 def format_plan(p: dict, title: str) -> str:
   """The plan as a markdown table."""
   d, f, t = p["mesh"]
-  unit = "GiB" if max(r["peak"] for r in p["remat"].values()) >= GiB else "MiB"
+  unit = "GiB" if max(r["peak"] for r in p["policies"].values()) >= GiB else "MiB"
   b = lambda x: _size(x, unit)
+  if p["topology"]:
+    where = (f"{p['accelerator']} (topology {p['topology']}: {p['chips']} chips = "
+             f"{p['devices']} JAX devices, {p['hosts']} hosts)")
+  else:
+    where = f"{p['devices']} devices x {p['device_kind']}"
+  accum = (f"; gradient accumulation {p['grad_accum_steps']} micro-batches"
+           if p["grad_accum_steps"] > 1 else "")
   lines = [
       f"### {title}", "",
-      f"{p['devices']} x {p['device_kind']} ({_size(p['memory_per_device'], 'GiB')} GiB, "
-      f"{p['peak_flops_per_device'] / 1e12:.3g} TFLOP/s); global batch {p['batch_size']}; "
-      f"mesh data x fsdp x tensor = {d} x {f} x {t}; model FLOPs/step {p['model_flops']:.3g} "
-      f"({p['model_flops_source']}); fits = peak <= {p['headroom']:.0%} of memory.", "",
+      f"**{p['compiler_note']}.** {where}, {_size(p['memory_per_device'], 'GiB')} GiB and "
+      f"{p['peak_flops_per_device'] / 1e12:.3g} TFLOP/s each; global batch {p['batch_size']}"
+      f"{accum}; mesh data x fsdp x tensor = {d} x {f} x {t}; model FLOPs/step "
+      f"{p['model_flops']:.3g} ({p['model_flops_source']}); fits = peak <= "
+      f"{p['headroom']:.0%} of memory.", "",
       "| remat | params | opt state | grads | activations | batch | peak/device | fits "
-      "| XLA FLOPs/step | step s at {:.0%} MFU | compile s | smallest mesh that fits |".format(
-          p["mfu"]),
+      "| XLA FLOPs/step | step s at {:.0%} MFU | compile s | {} |".format(
+          p["mfu"], "smallest fsdp x tensor that fits" if p["topology"]
+          else "smallest mesh that fits"),
       "|---|---|---|---|---|---|---|---|---|---|---|---|",
       f"| | {unit} | {unit} | {unit} | {unit} | {unit} | {unit} | | | | | devices (mesh): peak, "
       "step s |"]
-  for remat, r in p["remat"].items():
+  for remat, r in p["policies"].items():
     if "smallest" not in r:
       small = "(not searched)"
     elif r["smallest"] is None and r.get("search_exhausted"):
       small = f"not found in {len(r['tried'])} compiles"
     elif r["smallest"] is None:
-      small = f"none up to {p['devices']} devices"
+      small = f"none on {p['devices']} devices"
     else:
       s = r["smallest"]
       small = (f"{s['devices']} ({' x '.join(map(str, s['mesh']))}): {b(s['peak'])} {unit}, "
@@ -334,6 +461,8 @@ def format_plan(p: dict, title: str) -> str:
         f"{b(r['activations'])} | {b(r['batch'])} | {b(r['peak'])} | "
         f"{'yes' if r['fits'] else 'no'} | {r['xla_flops']:.3g} | {r['step_s_at_mfu']:.3g} | "
         f"{r['compile_s']:.0f} | {small} |")
+  if p.get("suggestions"):
+    lines += ["", "Nothing fits. What would:"] + [f"- {x}" for x in p["suggestions"]]
   return "\n".join(lines) + "\n"
 
 
@@ -401,11 +530,14 @@ def _flag(argv, name: str, default: str) -> str:
 
 
 def _use_fake_devices(argv) -> None:
-  """Before JAX starts: N fake CPU devices for --devices=N (the planner never needs more)."""
+  """Before JAX starts: N fake CPU devices for --devices=N (the planner never needs more);
+  with --topology, CPU only (the TPU devices are libtpu's compile-only ones)."""
   n = _flag(argv, "devices", "8")
   if "jax" in sys.modules:
     return
   os.environ["JAX_PLATFORMS"] = "cpu"
+  if _flag(argv, "topology", ""):
+    return
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_FLAGS,
                                       f"--xla_force_host_platform_device_count={n}"]).strip()
 
@@ -413,25 +545,34 @@ def _use_fake_devices(argv) -> None:
 def main(config, workdir):
   del workdir
   import jax
-  n = _DEVICES.value
-  if n <= 0:
-    raise ValueError(f"--devices must be positive, got {n}")
-  devices = jax.devices()
-  if len(devices) < n:
-    raise ValueError(f"--devices={n} but JAX has {len(devices)} devices (it was started before "
-                     "the planner could ask for fake devices)")
+  topology = _TOPOLOGY.value
+  if topology:
+    devices = tpu_devices(topology)
+    kind = TPU_KINDS[topology.split(":")[0]]
+    if _MEASURE.value:
+      raise ValueError("--measure runs steps, which needs the devices: not with --topology")
+    title = f"{_config_path()} on {slice_name(topology)} ({topology}, TPU compiler)"
+  else:
+    n = _DEVICES.value
+    if n <= 0:
+      raise ValueError(f"--devices must be positive, got {n}")
+    devices = jax.devices()
+    if len(devices) < n:
+      raise ValueError(f"--devices={n} but JAX has {len(devices)} devices (it was started "
+                       "before the planner could ask for fake devices)")
+    devices, kind = devices[:n], _KIND.value
+    title = f"{_config_path()} on {n} x {kind} (CPU compiler)"
   module = task_module(_config_path(), _TASK.value)
   degrees = tuple(int(x) for x in _MESH.value.split(",")) if _MESH.value else None
   if degrees is not None and len(degrees) != 3:
     raise ValueError(f"--mesh must be data,fsdp,tensor, got {_MESH.value!r}")
-  p = plan(config, module.build_task, devices[:n], _KIND.value, _MFU.value, _HEADROOM.value,
-           _REMAT.value, degrees, _SEARCH.value, _MAX_TENSOR.value)
+  p = plan(config, module.build_task, devices, kind, _MFU.value, _HEADROOM.value,
+           _REMAT.value, degrees, _SEARCH.value, _MAX_TENSOR.value, topology)
   if _MEASURE.value:
     from pretrain_jax import mesh as mesh_lib
     cfg = for_cpu(config, _REMAT.value[0])
-    mesh = mesh_lib.create_mesh(dict(zip(("data", "fsdp", "tensor"), p["mesh"])), devices[:n])
+    mesh = mesh_lib.create_mesh(dict(zip(("data", "fsdp", "tensor"), p["mesh"])), devices)
     p["measured"] = measure(cfg, module.build_task(cfg), mesh, _MEASURE.value)
-  title = f"{_config_path()} on {n} x {_KIND.value}"
   print(format_plan(p, title))
   if "measured" in p:
     m = p["measured"]

@@ -5,6 +5,10 @@ import pathlib
 
 import pytest
 
+# The tests run on the CPU. With libtpu installed (the `.[tpu]` extra, for the TPU compiler's
+# plans) JAX would otherwise probe for a TPU in every process, for seconds each.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 

@@ -31,7 +31,7 @@ def test_the_plan_matches_the_memory_a_real_run_uses(tmp_path, remat):
   p, stdout = _plan(tmp_path, "configs/aim/pretrain.py:variant=tiny", "--devices=8",
                     "--device_kind=cpu", f"--remat={remat}", "--search=false", "--measure=3",
                     *AIM_MID)
-  row, measured = p["remat"][remat], p["measured"]
+  row, measured = p["policies"][remat], p["measured"]
   assert p["mesh"] == [1, 8, 1] and row["per_device_batch"] == 32
   # the state's shards are exact: the real run's live arrays on device 0 (plus the step and rng)
   planned_state = row["params"] + row["opt_state"] + row["batch"]
@@ -47,7 +47,7 @@ def test_block_remat_plans_the_recomputation_and_the_same_state(tmp_path):
   at full size, benchmarks/plans.md.)"""
   p, _ = _plan(tmp_path, "configs/aim/pretrain.py:variant=tiny", "--devices=8",
                "--device_kind=cpu", "--remat=none,block", "--search=false", *AIM_MID)
-  none, block = p["remat"]["none"], p["remat"]["block"]
+  none, block = p["policies"]["none"], p["policies"]["block"]
   assert block["xla_flops"] > 1.1 * none["xla_flops"]     # the forward pass again
   assert none["params"] == block["params"]
   # XLA's count over all 8 devices is close to the analytic model FLOPs of the step
@@ -59,7 +59,7 @@ def test_the_search_finds_the_smallest_mesh_that_fits(tmp_path):
   one device is ruled out by the estimate (never compiled), and the answer fits as compiled."""
   p, _ = _plan(tmp_path, "configs/fourm/pretrain.py:variant=tiny", "--devices=8",
                "--device_kind=cpu", "--remat=none", "--config.batch_size=64")
-  row = p["remat"]["none"]
+  row = p["policies"]["none"]
   one_device_peak = row["smallest"]["peak"]
   assert row["smallest"]["mesh"] == [1, 1, 1]          # 24 GiB holds the tiny model anywhere
   # now with room for only 60% of the single-device plan
@@ -67,7 +67,7 @@ def test_the_search_finds_the_smallest_mesh_that_fits(tmp_path):
   p, stdout = _plan(tmp_path, "configs/fourm/pretrain.py:variant=tiny", "--devices=8",
                     "--device_kind=cpu", "--remat=none", "--config.batch_size=64",
                     f"--headroom={headroom}")
-  row = p["remat"]["none"]
+  row = p["policies"]["none"]
   small = row["smallest"]
   assert small is not None and small["devices"] > 1
   assert small["peak"] <= headroom * p["memory_per_device"]
@@ -80,7 +80,7 @@ def test_the_configs_dcn_degrees_fold_into_the_planned_mesh(tmp_path):
                "--device_kind=cpu", "--remat=none", "--search=false",
                "--config.mesh.dcn_data=2")
   assert p["mesh"] == [2, 4, 1]      # two slices of data parallelism, fsdp 4 within each
-  assert p["remat"]["none"]["per_device_batch"] == 4
+  assert p["policies"]["none"]["per_device_batch"] == 4
 
 
 def test_candidates_are_ordered_by_device_count_and_divide_the_batch():
@@ -180,10 +180,66 @@ def test_the_models_take_the_attention_switch_from_their_configs():
 def test_the_full_size_steps_compile_on_8_fake_devices(tmp_path, config):
   p, stdout = _plan(tmp_path, config, "--devices=8", "--device_kind=tpu-v5p", "--remat=block",
                     "--search=false", "--config.batch_size=64", timeout=1800)
-  row = p["remat"]["block"]
+  row = p["policies"]["block"]
   # all parameters (4M: with its modality embeddings), f32, about one eighth on each device
   assert row["num_params"] > (6.5e9 if "aim" in config else 2.7e9)
   assert 4 * row["num_params"] <= row["params"] * 8 < 1.02 * 4 * row["num_params"]
   assert row["opt_state"] == pytest.approx(2 * row["params"], rel=0.01)
   assert row["peak"] > row["params"] + row["opt_state"]
   assert row["xla_flops"] > 0 and "| block |" in stdout
+
+
+def test_tpu_slices_are_named_by_chips_devices_and_accelerator_type():
+  assert plan.slice_name("v5p:4x4x8") == "v5p-256"        # 128 chips, two TensorCores each
+  assert plan.slice_name("v4:2x2x4") == "v4-32"
+  assert plan.slice_name("v5e:4x4") == "v5litepod-16"     # v5e and v6e count chips
+  assert plan.slice_name("v6e:16x16") == "v6e-256"
+  with pytest.raises(ValueError, match="topology"):
+    plan.slice_name("v9:2x2")
+
+
+def test_the_search_on_a_slice_uses_all_its_chips_smallest_model_parallel_group_first():
+  c = plan.candidates_on(16, 64, max_tensor=4)
+  assert all(d * f * t == 16 for d, f, t in c)
+  assert c[0] == (16, 1, 1) and c[1] == (8, 2, 1) and (4, 2, 2) in c
+  groups = [f * t for _, f, t in c]
+  assert groups == sorted(groups)
+  assert all(64 % (d * f) == 0 for d, f, _ in plan.candidates_on(128, 64, 8))
+
+
+def test_when_nothing_fits_the_plan_says_what_would():
+  gib = 2 ** 30
+  row = {"params": 4 * gib, "opt_state": 8 * gib, "batch": 0, "gradients": 4 * gib,
+         "activations": 40 * gib, "peak": 56 * gib, "fits": False, "mesh": [1, 8, 1],
+         "smallest": None}
+  p = {"policies": {"block": row}, "batch_size": 256, "devices": 8}
+  hints = plan.suggestions(p, capacity=30 * gib)
+  assert any("--config.optimizer.grad_accum_steps=4" in h for h in hints)   # 16 + 40/4 <= 30
+  assert any("--config.batch_size=" in h for h in hints)
+  assert any(h.startswith("more chips: about 16") for h in hints)            # 8 * 56 / 30
+  assert any("remat dots" in h for h in hints)
+  assert plan.suggestions({**p, "policies": {"block": {**row, "fits": True}}}, 30 * gib) == []
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is not None,
+                    reason="libtpu is installed: the message is for machines without it")
+def test_a_topology_without_libtpu_says_how_to_get_it(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "pretrain_jax.plan", "--config=configs/aim/pretrain.py:variant=tiny",
+       "--topology=v5p:2x2x2"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 1 and "pip install -e '.[tpu]'" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None,
+                    reason="the TPU compiler needs libtpu: pip install -e '.[tpu]'")
+def test_the_tpu_compiler_plans_aim_0_6b_on_a_v5p_slice(tmp_path):
+  p, stdout = _plan(tmp_path, "configs/aim/pretrain.py:variant=0.6B", "--topology=v5p:2x2x2",
+                    "--config.batch_size=64", "--search=false", timeout=3600)
+  assert p["compiler"] == "tpu" and p["chips"] == p["devices"] == 8 and p["hosts"] == 2
+  pol = p["policies"]
+  assert sorted(pol) == ["block", "dots", "none"]
+  assert all(pol[k]["bytes_per_device"] > pol[k]["params"] for k in pol)
+  assert pol["block"]["bytes_per_device"] < 0.6 * pol["none"]["bytes_per_device"]
+  assert "v5p-16 (topology v5p:2x2x2: 8 chips = 8 JAX devices, 2 hosts)" in stdout

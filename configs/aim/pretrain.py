@@ -47,6 +47,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.log_every = 10 if tiny else 100            # steps between metric lines
   c.checkpoint_every = 100 if tiny else 5000   # steps between checkpoints
   c.keep_checkpoints = 3                       # most recent checkpoints kept
+  c.profile_steps = (0, 0)                     # (start, count): jax.profiler trace into WORKDIR/plugins/profile
   c.async_checkpoint = True                    # write checkpoints in the background
   c.eval_every = 100 if tiny else 10_000       # steps between validation losses (0 = never)
 
@@ -110,6 +111,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0                  # global-norm clipping (0 = off)
   c.optimizer.layer_decay = 1.0                # layer-wise lr decay factor (1.0 = off)
   c.optimizer.no_decay = ("pos_embed", "modality_embed")   # path substrings never decayed (plus all vectors)
+  c.optimizer.grad_accum_steps = 1             # micro-batches per step (gradient accumulation)
 
   c.debug = ml_collections.ConfigDict()
   c.debug.crash_at_step = 0                    # fault injection: SIGKILL self after this step (tests)

@@ -122,6 +122,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.log_every = 25 if tiny else 100
   c.checkpoint_every = 300 if tiny else 5000
   c.keep_checkpoints = 2
+  c.profile_steps = (0, 0)                     # (start, count): jax.profiler trace into WORKDIR/plugins/profile
   c.async_checkpoint = True
   c.eval_every = 300 if tiny else 5000
   c.loss_type = "mod"                  # 'mod': per modality then mean; 'token'
@@ -218,6 +219,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 3.0 if size == "XL" or family == "sr" else (1.0 if tiny else 0.0)
   c.optimizer.layer_decay = 1.0
   c.optimizer.no_decay = ()
+  c.optimizer.grad_accum_steps = 1     # micro-batches per step (gradient accumulation)
 
   c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "crash_process": -1, "nan_at_step": 0})
   return c

@@ -45,6 +45,7 @@ def get_config(arg: str = "target=pose,variant=tiny") -> ml_collections.ConfigDi
   c.log_every = 50 if tiny else 100
   c.checkpoint_every = 400 if tiny else 5000
   c.keep_checkpoints = 2
+  c.profile_steps = (0, 0)                     # (start, count): jax.profiler trace into WORKDIR/plugins/profile
   c.async_checkpoint = True
   c.eval_every = 400 if tiny else 5000
 
@@ -79,6 +80,7 @@ def get_config(arg: str = "target=pose,variant=tiny") -> ml_collections.ConfigDi
   c.optimizer.clip_norm = 1.0
   c.optimizer.layer_decay = 1.0
   c.optimizer.no_decay = ()
+  c.optimizer.grad_accum_steps = 1     # micro-batches per step (gradient accumulation)
 
   c.debug = ml_collections.ConfigDict({"crash_at_step": 0, "crash_process": -1, "nan_at_step": 0})
   return c
