@@ -175,6 +175,7 @@ def aim_runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(aim_runs):
   one, two = _losses(aim_runs["one"][0]), _losses(aim_runs["two"][0])
   assert sorted(one) == sorted(two) == [10, 20, 30]

@@ -235,8 +235,11 @@ def test_a_topology_without_libtpu_says_how_to_get_it(tmp_path):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None,
                     reason="the TPU compiler needs libtpu: pip install -e '.[tpu]'")
 def test_the_tpu_compiler_plans_aim_0_6b_on_a_v5p_slice(tmp_path):
+  # Scanned layers: unrolled, the TPU compiler's schedule keeps most activations alive
+  # under block remat too (measured: 6.86 GiB none, 5.90 GiB block per device).
   p, stdout = _plan(tmp_path, "configs/aim/pretrain.py:variant=0.6B", "--topology=v5p:2x2x2",
-                    "--config.batch_size=64", "--search=false", timeout=3600)
+                    "--config.batch_size=64", "--config.model.scan_layers=True",
+                    "--search=false", timeout=3600)
   assert p["compiler"] == "tpu" and p["chips"] == p["devices"] == 8 and p["hosts"] == 2
   pol = p["policies"]
   assert sorted(pol) == ["block", "dots", "none"]
