@@ -277,7 +277,11 @@ class AIM(nn.Module):
     mask = objective.prefix_causal_mask(prefix_len, self.num_patches)
     x = self.post_trunk_norm(self.trunk(images, mask, perm)[-1])
     if self.head != "none":
-      x = self.head_in(x)
+      # The head's residual stream, like the trunk's, is not split over 'tensor' (head_in's
+      # kernel is: ('embed', 'mlp')). Unconstrained, its output kept the kernel's tensor split
+      # into the head's LayerNorms, and on a data x fsdp x tensor = 2 x 2 x 2 mesh the XLA CPU
+      # partitioner then gave wrong gradients there (the loss was right).
+      x = _constrain(self.head_in(x))
       x = x + jnp.asarray(sincos_2d(self.grid, self.head_width)[perm], x.dtype)
       x = scan_lib.apply(self.head_blocks, x, mask)
       x = self.head_norm(x)

@@ -65,6 +65,13 @@ def main():
       "expected_fc1_spec": str(P("fsdp", "tensor")),
       "expected_qkv_spec": str(P("fsdp", None, "tensor", None)),
   }
+  # One SGD step at learning rate 1: the params' change is the gradient itself (the AdamW
+  # steps above are nearly sign-like and hide wrong gradient magnitudes).
+  from grad_accum_check import batch as sgd_batch, max_diff, updates
+  data = sgd_batch()
+  one = updates((1,), jax.devices()[:1], (1, 1, 1), data)[1][0]
+  eight = updates((1,), jax.devices(), (2, 2, 2), data)[1][0]
+  result["max_sgd_param_diff"] = max_diff(one, eight)
   # The whole loop: same seed, same data, 1 device vs the 2x2x2 mesh.
   curves = {}
   for name, devices, mesh_cfg in (("1", jax.devices()[:1], (1, 1, 1)),
