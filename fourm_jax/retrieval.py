@@ -13,7 +13,6 @@ DINOv2 or ImageBind global embedding, or any [N, D] array).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -84,7 +83,8 @@ def main(argv):
     print(f"{row['rank']:3d}  {row['cosine']:.4f}  {row['key']}")
   if f.out:
     from etils import epath   # local or gs://...
-    out = epath.Path(f.out if "://" in f.out else os.path.abspath(f.out))
+    from pretrain_jax import paths
+    out = epath.Path(paths.resolve(f.out))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"conditions": list(f.condition), "target": target,
                                "results": result}, indent=2))

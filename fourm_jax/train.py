@@ -163,9 +163,8 @@ def build_task(config) -> loop.Task:
     key = f"data.datasets.{name}.{'train' if train else 'eval'}"
     records = multimodal.dataset(pattern, fields=tuple(sorted(set(fields[name].values()))),
                                  skip_corrupt=config.data.skip_corrupt, key=key)
-    if not train and len(records) < config.batch_size:
-      raise ValueError(f"config key '{key}' ('{pattern}') has {len(records)} examples, fewer "
-                       f"than one global batch of {config.batch_size}")
+    if not train:
+      pipeline.check_eval_size(len(records), config.batch_size, key, pattern)
     if train:
       records = pipeline.repeated(records.shuffle(seed=seed), ds.get("repeats", 1),
                                   seed=seed + 1, window=config.data.repeat_window).repeat(None)

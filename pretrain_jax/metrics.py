@@ -31,6 +31,8 @@ from clu import metric_writers
 from clu.metric_writers import interface
 from etils import epath
 
+from pretrain_jax import paths
+
 
 class JsonlWriter(interface.MetricWriter):
   """Writes scalars as one JSON line per `write_scalars` call (layouts: module docstring)."""
@@ -38,7 +40,7 @@ class JsonlWriter(interface.MetricWriter):
   def __init__(self, path: str, flush_every_s: float = 300.0):
     self._path = epath.Path(path)
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    self._remote = "://" in str(path)
+    self._remote = paths.is_remote(path)
     self._flush_every_s = flush_every_s
     self._lines: list[str] = []
     self._file = None

@@ -122,9 +122,7 @@ def _dataset(data_cfg, spec: str, modality: str, split: str,
     raise ValueError(f"config key '{key}' is empty: set --config.{key}=arrayrecord:GLOB "
                      "(pseudo-labelled shards), or scenes:N / synthetic_poses:N for a toy run")
   ds = _records(data_cfg, spec, modality, split, key)
-  if len(ds) < min_len:
-    raise ValueError(f"config key '{key}' ('{spec}') has {len(ds)} examples, fewer than one "
-                     f"global batch of {min_len}")
+  pipeline.check_eval_size(len(ds), min_len, key, spec)
   return ds
 
 

@@ -264,6 +264,15 @@ def repeated(ds: grain.MapDataset, n: int, seed: int, window: int = 256) -> grai
       RepeatEach(ds, n, cache=window), window_size=n * window, seed=seed)
 
 
+def check_eval_size(size: int, batch_size: int, key: str, spec: str) -> None:
+  """An evaluation set must hold one global batch (a partial last batch is dropped): a
+  ValueError naming the config key otherwise, before the first step rather than at the
+  first evaluation."""
+  if size < batch_size:
+    raise ValueError(f"config key '{key}' ('{spec}') has {size} examples, fewer than one "
+                     f"global batch of {batch_size}")
+
+
 def _rows(batch_size: int, rows: Sequence[int] | None) -> tuple[int, ...]:
   if batch_size <= 0:
     raise ValueError(f"config key 'batch_size' must be a positive int, got {batch_size}")
@@ -320,9 +329,7 @@ def eval_batches(data_cfg, batch_size: int, num_batches: int,
   if rest:
     raise ValueError(f"config key 'data.eval' must name one source, got '{data_cfg.eval}'")
   src = make_source(kind, arg, data_cfg, "eval")
-  if len(src) < batch_size:
-    raise ValueError(f"config key 'data.eval' ('{data_cfg.eval}') has {len(src)} examples, "
-                     f"fewer than one global batch of {batch_size}")
+  check_eval_size(len(src), batch_size, "data.eval", data_cfg.eval)
   ds = grain.MapDataset.source(src)
   ds = ds.map(Decode(src, data_cfg.image_size, data_cfg.skip_corrupt))
   ds = ds.map(EvalTransform(data_cfg.image_size))
