@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourm_jax import xent
 from fourm_jax.modalities import Modality
 from pretrain_jax import positions
 from pretrain_jax import attention as attention_lib
@@ -473,6 +474,13 @@ class FourM(nn.Module):
       return self.dec_embed[modality].attend(y.astype(jnp.float32))
     return self.to_logits[modality](y).astype(jnp.float32)
 
+  def logit_tables(self) -> list:
+    """Each target's output layer as a [V, D] table (logits = y @ table.T), in `targets`
+    order: the tied decoder embedding, or the transposed to_logits kernel."""
+    if self.tie_embeddings:
+      return [self.dec_embed[m.name].embedding for m in self.targets]
+    return [self.to_logits[m.name].variables["params"]["kernel"].T for m in self.targets]
+
   def __call__(self, batch: Batch, num_encoder_tokens: int, num_decoder_tokens: int):
     context, emb, valid = self.encode(batch, num_encoder_tokens)
     out = self.decode(batch, context, emb, valid, num_decoder_tokens)
@@ -494,12 +502,12 @@ def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
   if loss_type not in ("mod", "token"):
     raise ValueError(f"unknown loss_type {loss_type!r}; use 'mod' or 'token'")
   y, ids, mods, valid = model.apply(variables, batch, num_encoder_tokens, num_decoder_tokens)
+  # each token's logits over its own modality's vocabulary only (fourm_jax.xent)
+  tables = model.apply(variables, method=model.logit_tables)
+  nll = xent.own_vocab_nll(tables, y, ids, mods, valid)
   per_mod, total, count = {}, 0.0, 0.0
   for i, m in enumerate(model.targets):
-    logits = model.apply(variables, y, m.name, method=model.logits)
     w = (valid & (mods == i)).astype(jnp.float32)
-    own = jnp.where(w > 0, ids, 0)      # other modalities' ids may exceed this vocabulary
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), own[..., None], -1)[..., 0]
     n = w.sum()
     per_mod[m.name] = jnp.where(n > 0, (nll * w).sum() / jnp.maximum(n, 1.0), 0.0)
     total, count = total + (nll * w).sum(), count + n
