@@ -20,9 +20,13 @@ batch, N = num_encoder_tokens, M = num_decoder_tokens, D the width:
   decoder block     self-attention as the encoder's over M tokens; cross-attention:
                     q [BM, D] x [D, D], kv [BN, D] x [D, 2D], scores + weighted sum over
                     [M, N], output projection; feed-forward over M tokens
-  logits            what `loss` computes today: EVERY target modality's logits at EVERY
-                    one of the M decoder positions, [BM, D] x [D, V_m] per target
-                    (tied or untied output layer alike); see `logits_flops`
+  logits            each decoder token's logits over its own modality's vocabulary
+                    (fourm_jax.xent), [D] x [D, V_m] per token; how many tokens each
+                    target gets varies per sample (Dirichlet budgets), so the count uses
+                    the expected share, equal for every target: B M D mean_m(V_m); see
+                    `logits_flops`. The chunked loss also recomputes its chunks' logits in
+                    the backward pass and pads each modality's last chunk: program
+                    FLOPs, not model FLOPs, like remat.
 """
 from __future__ import annotations
 
@@ -68,10 +72,10 @@ def decoder_flops(model, batch: int, n: int, m: int) -> float:
 
 
 def logits_flops(model, batch: int, m: int) -> float:
-  """The output layers as `fourm_jax.model.loss` calls them: `model.logits(y, name)` of
-  every target modality on the whole decoder output y [B, M, D]. (If the loss comes to
-  compute each modality's logits at its own positions only, count those rows here.)"""
-  return sum(mm(batch * m, model.dim, t.vocab_size) for t in model.targets)
+  """The output layers as `fourm_jax.model.loss` applies them: each of the B x M decoder
+  tokens against its own target's vocabulary, in expectation an equal share per target."""
+  vocab = sum(t.vocab_size for t in model.targets) / len(model.targets)
+  return mm(batch * m, model.dim, vocab)
 
 
 def forward_flops(model, batch: int, num_encoder_tokens: int, num_decoder_tokens: int) -> float:
