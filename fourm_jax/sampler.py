@@ -12,12 +12,15 @@ Known tokens are the conditioning: any subset of any modality, and the
 already decoded tokens of the target. A target given in part is
 in-painted: its given tokens never change, the others are generated.
 
-Each decoding step is one jitted function of fixed shapes: the number of
-tokens to decode, the temperature, top-k, top-p and guidance weights are
-traced values, so a schedule of any length reuses one compilation per
-(target, scheme, guidance groups, encoder length); `Sampler.traces` counts
-compilations. The encoder length is the most tokens the target's decoding
-can give it, rounded up to a multiple of 64 (`encoder_tokens`), unless fixed.
+Each MaskGIT/ROAR step is one jitted function of exact shapes: the encoder
+gets exactly the tokens known at that step (the given ones and the target's
+tokens decoded so far) and the decoder exactly the target's unknown
+positions. The schedule fixes both lengths before sampling starts, so each
+(target, scheme, guidance groups, lengths) compiles once and a repeated
+schedule compiles nothing; the number of tokens to select, the temperature,
+top-k, top-p and guidance weights are traced values. `Sampler.traces` counts
+compilations. (Fixed maximal shapes would compile once for every schedule
+but cost 1.7x the FLOPs of a typical 8-step generation.)
 
 Sequences (captions, boxes, metadata) decode left to right from the [S_1]
 sentinel until [EOS], in one compiled loop with a key/value cache in the
@@ -172,9 +175,23 @@ class Sampler:
       n += self._length(self.modalities[target])
     return int(min(max(64, -(-n // 64) * 64), self.max_encoder_tokens))
 
+  def _known_counts(self, state: State, target: str) -> tuple[int, int]:
+    """(most given tokens any row can put in the encoder when decoding `target`: the known
+    tokens of the other inputs, plus the target's own if it is an input; most unknown target
+    positions of any row), read from `state` once per target."""
+    mask = lambda n: np.asarray(state[n]["input_mask"])
+    given = sum((~mask(n)).sum(1) for n in self.input_names if n != target)
+    unknown = mask(target).sum(1)
+    if target in self.input_names:
+      given = given + (~mask(target)).sum(1)
+    return int(np.max(given)), int(np.max(unknown))
+
   def target_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
-                    weights=None, num_encoder_tokens: int | None = None):
-    """Logits [B, N, V] of every position of an image-like `target` (float32).
+                    weights=None, num_encoder_tokens: int | None = None,
+                    num_decoder_tokens: int | None = None):
+    """Logits [B, N, V] of every position of an image-like `target` (float32); only the
+    unknown positions' are computed (the first `num_decoder_tokens` of them, default all N
+    positions), the known ones hold some unknown position's logits.
 
     groups: condition groups (each a tuple of modality names given in it). With weights
     (one per group) the result is the guided combination with the unconditional pass
@@ -188,26 +205,27 @@ class Sampler:
     variants = list(groups) + ([()] if weights is not None else [])
     batches = [self._batch(state, target, g) for g in variants]
     batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
-    n = m.num_tokens
+    n_dec = num_decoder_tokens or m.num_tokens
     variables = {"params": params}
     n_enc = num_encoder_tokens or self.num_encoder_tokens or self.max_encoder_tokens
-    y, _, _, _ = self.model.apply(variables, batch, n_enc, n)
+    y, _, _, _ = self.model.apply(variables, batch, n_enc, n_dec)
     slot_logits = self.model.apply(variables, y, target, method=self.model.logits)
     unknown = jnp.concatenate([state[target]["input_mask"]] * len(variants), 0)
     pos_of_slot = jnp.argsort(~unknown, axis=1, stable=True)   # unknown positions first, in order
-    inv = jnp.argsort(pos_of_slot, axis=1)
-    logits = jnp.take_along_axis(slot_logits, inv[..., None], axis=1)
+    slot = jnp.minimum(jnp.argsort(pos_of_slot, axis=1), n_dec - 1)
+    logits = jnp.take_along_axis(slot_logits, slot[..., None], axis=1)
     logits = logits.reshape(len(variants), -1, *logits.shape[1:])
     return logits[0] if weights is None else guide(logits, weights)
 
   # ---- one decoding step ----------------------------------------------------------------------
-  def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int):
-    key = (target, scheme, groups, guided, n_enc)
+  def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int,
+               n_dec: int):
+    key = (target, scheme, groups, guided, n_enc, n_dec)
     if key not in self._steps:
       def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
         self.traces += 1          # runs once per compilation
         logits = self.target_logits(params, state, target, groups, weights if guided else None,
-                                    n_enc)
+                                    n_enc, n_dec)
         logits = filter_logits(logits, top_k, top_p)
         greedy = temperature <= 1e-6
         scaled = logits / jnp.where(greedy, 1.0, temperature)
@@ -323,7 +341,8 @@ class Sampler:
         current = step.target
         known = [n for n in self.input_names if n != current and
                  not bool(np.all(np.asarray(state[n]["input_mask"])))]
-        n_enc = self.encoder_tokens(state, current)
+        enc_known, unknown = self._known_counts(state, current)
+        decoded = 0
         if conditions is not None:
           groups, guided = tuple(tuple(g) for g in conditions), True
           w = np.asarray(weights, np.float32)
@@ -332,7 +351,13 @@ class Sampler:
           guided = any(s.guidance != 1.0 for s in schedule if s.target == current)
       if conditions is None:
         w = np.array([step.guidance], np.float32)
-      fn = self._step_fn(current, step.scheme, groups, guided, n_enc)
+      # this step's exact lengths, known before sampling: the encoder gets the given tokens
+      # and the target's tokens decoded so far, the decoder its still unknown positions
+      n_enc = self.num_encoder_tokens or int(min(max(enc_known + decoded, 1),
+                                                 self.max_encoder_tokens))
+      n_dec = max(unknown - decoded, 1)
+      fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec)
+      decoded += step.num_tokens
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
                  jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),
                  jnp.asarray(w))

@@ -120,22 +120,45 @@ def test_a_negative_weight_moves_probability_away_from_the_negated_condition():
   assert p(mixed)[0] > p(cond_a)[0]
 
 
-def test_decoding_does_not_recompile_after_the_first_call(sampler):
+def test_a_repeated_schedule_compiles_nothing(sampler):
+  """Each step has its own exact lengths (compiled once); calling the same schedule again with
+  other temperatures, top-k/p, inputs or guidance scales compiles nothing."""
   state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
-  steps = schedules.chained([DEPTH], [16], ["maskgit"], [8])
+  steps = schedules.chained([DEPTH], [16], ["maskgit"], [4])
+  before = sampler.traces
   sampler.generate(state, steps, jax.random.key(7))
   traced = sampler.traces
-  # other temperatures, token counts, top-k/p and inputs reuse the compiled step
-  steps = schedules.chained([DEPTH], [16], ["maskgit"], [25], temperatures=[0.3],
+  assert traced - before <= 4           # at most one compilation per step
+  steps = schedules.chained([DEPTH], [16], ["maskgit"], [4], temperatures=[0.3],
                             temperature_schedules=["linear"], top_k=[5], top_p=[0.8])
   sampler.generate(sampler.init_state(2, {RGB: {"tensor": _rgb(seed=9)}}), steps,
                    jax.random.key(8))
   assert sampler.traces == traced
-  # guidance is one more compilation, then reused for any scale
-  for scale in (2.0, 3.0, -1.0):
-    sampler.generate(state, schedules.chained([DEPTH], [16], ["maskgit"], [4],
-                                              guidance=[scale]), jax.random.key(9))
-  assert sampler.traces == traced + 1
+  # guidance compiles the guided steps once, then any scale reuses them
+  guided = lambda scale: sampler.generate(state, schedules.chained(
+      [DEPTH], [16], ["maskgit"], [4], guidance=[scale]), jax.random.key(9))
+  guided(2.0)
+  assert 0 < sampler.traces - traced <= 4
+  traced = sampler.traces
+  for scale in (3.0, -1.0):
+    guided(scale)
+  assert sampler.traces == traced
+
+
+def test_exact_lengths_give_the_fixed_length_logits(sampler):
+  """The step's logits at unknown positions do not depend on the padding: the exact encoder
+  and decoder lengths give what the maximal lengths give."""
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  mask = np.ones((2, 16), bool)
+  mask[0, :5] = False
+  mask[1, 3:9] = False
+  state[DEPTH] = {"tensor": state[DEPTH]["tensor"] + 3, "input_mask": jnp.asarray(mask)}
+  enc, dec = sampler._known_counts(state, DEPTH)
+  assert dec == 11
+  full = sampler.target_logits(sampler.params, state, DEPTH, [(RGB,)], None,
+                               sampler.max_encoder_tokens, 16)
+  exact = sampler.target_logits(sampler.params, state, DEPTH, [(RGB,)], None, enc, dec)
+  np.testing.assert_allclose(np.asarray(exact)[mask], np.asarray(full)[mask], atol=2e-5)
 
 
 def test_filtering_keeps_the_top_tokens():
