@@ -20,6 +20,7 @@ def _tiny(**overrides):
   return cfg
 
 
+@pytest.mark.slow
 def test_metrics_reach_the_host_only_at_log_steps(tmp_path, monkeypatch, caplog):
   fetched = []
   real = loop.fetch_metrics
@@ -43,6 +44,7 @@ def test_a_nan_between_log_steps_is_caught_before_the_checkpoint(tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints" / "20")
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_tensorboard_trace(tmp_path):
   cfg = _tiny(total_steps=6, log_every=3, checkpoint_every=6, profile_steps=(3, 2))
   loop.train(cfg, str(tmp_path), aim_train.build_task(cfg))

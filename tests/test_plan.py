@@ -26,6 +26,7 @@ def _plan(tmp_path, config, *flags, timeout=900):
 AIM_MID = ("--config.batch_size=256", "--config.model.width=256", "--config.model.depth=4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "block"])
 def test_the_plan_matches_the_memory_a_real_run_uses(tmp_path, remat):
   p, stdout = _plan(tmp_path, "configs/aim/pretrain.py:variant=tiny", "--devices=8",

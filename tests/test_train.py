@@ -42,6 +42,7 @@ def uninterrupted(tmp_path_factory):
   return losses(workdir)
 
 
+@pytest.mark.slow
 def test_tiny_config_loss_decreases_over_a_few_hundred_steps(tiny_aim_config, tmp_path):
   cfg = tiny_aim_config
   cfg.total_steps = 200
