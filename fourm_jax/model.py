@@ -504,13 +504,12 @@ def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
   y, ids, mods, valid = model.apply(variables, batch, num_encoder_tokens, num_decoder_tokens)
   # each token's logits over its own modality's vocabulary only (fourm_jax.xent)
   tables = model.apply(variables, method=model.logit_tables)
-  nll = xent.own_vocab_nll(tables, y, ids, mods, valid)
+  sums = xent.own_vocab_losses(tables, y, ids, mods, valid)           # [K]
   per_mod, total, count = {}, 0.0, 0.0
   for i, m in enumerate(model.targets):
-    w = (valid & (mods == i)).astype(jnp.float32)
-    n = w.sum()
-    per_mod[m.name] = jnp.where(n > 0, (nll * w).sum() / jnp.maximum(n, 1.0), 0.0)
-    total, count = total + (nll * w).sum(), count + n
+    n = (valid & (mods == i)).sum().astype(jnp.float32)
+    per_mod[m.name] = jnp.where(n > 0, sums[i] / jnp.maximum(n, 1.0), 0.0)
+    total, count = total + sums[i], count + n
   if loss_type == "token":
     value = total / jnp.maximum(count, 1.0)
   else:

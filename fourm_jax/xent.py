@@ -9,15 +9,18 @@ in fixed shapes:
 
 1. the T = B x M decoder tokens (per device, see below) are sorted by modality
    (not-valid tokens last);
-2. each modality's run is cut into chunks of `c` tokens, the last one padded;
-   at most ceil(T / c) + K chunks exist for K modalities, a static bound;
-3. a scan over the chunks runs `lax.switch` on the chunk's modality: only that
-   branch's [c, D] x [D, V_k] matmul runs, unused chunks take an empty branch;
-4. the per-token losses are scattered back to [B, M].
+2. for each modality k, a loop runs over its ceil(n_k / c) chunks of `c`
+   tokens (a dynamic trip count: only the chunks that exist run, the last one
+   padded), each a [c, D] x [D, V_k] matmul, so the work is each token's own
+   vocabulary plus at most one partial chunk per modality;
+3. the result is each modality's sum of token losses, [K].
 
-Each branch is rematerialised, so the backward pass keeps only the chunk's
-inputs (not [c, V_k] of softmax): recomputing the chunk's logits costs one
-more forward matmul, and logit memory drops from B x M x sum_k V_k to c x V_k.
+The gradient is computed in the same loop, while each chunk's softmax is at
+hand (a custom VJP): d logits = softmax - onehot, then d y = d logits W and
+d W += d logits^T y, two matmuls as in any backward pass; no [c, V_k] array
+outlives its chunk, and the backward pass only scales the saved d y and d W by
+each modality's incoming cotangent (the sums are linear in the token losses).
+Memory for logits drops from B x M x sum_k V_k to c x V_k.
 
 Under a mesh, the grouping runs per device (`shard_map` over the batch axes):
 a global sort would gather the whole batch on every device. The logit tables
@@ -25,6 +28,7 @@ enter each device whole (the dense path all-gathers them too).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -43,59 +47,93 @@ def chunk_size(tokens: int, modalities: int) -> int:
   return int(min(256, max(8, 2 ** int(math.log2(target)))))
 
 
-def _chunk_table(mods, valid, num_modalities: int, chunk: int):
-  """Which tokens each chunk holds. mods, valid [T] -> (index int [G, c] into the T tokens,
-  ok bool [G, c], modality int [G]: K for an unused chunk), G = ceil(T / c) + K."""
-  t = mods.shape[0]
-  k = num_modalities
-  key = jnp.where(valid, mods, k)
+def _sorted_runs(mods, valid, num_modalities: int):
+  """Tokens grouped by modality. mods, valid [T] -> (order int [T]: token indices, modality 0's
+  valid tokens first, then 1's, ..., not-valid last; first int [K]: where each modality's run
+  starts in `order`; counts int [K])."""
+  key = jnp.where(valid, mods, num_modalities)
   order = jnp.argsort(key, stable=True)
-  counts = jnp.sum(key[:, None] == jnp.arange(k)[None, :], axis=0)          # [K]
-  first_token = jnp.cumsum(counts) - counts                                   # [K]
-  chunks = (counts + chunk - 1) // chunk                                      # [K]
-  end_chunk = jnp.cumsum(chunks)                                              # [K]
-  g = -(-t // chunk) + k
-  ids = jnp.arange(g)
-  modality = jnp.sum(end_chunk[None, :] <= ids[:, None], axis=1)             # [G], K: unused
-  m = jnp.minimum(modality, k - 1)
-  within = (ids - (end_chunk[m] - chunks[m]))[:, None] * chunk + jnp.arange(chunk)[None, :]
-  ok = (modality[:, None] < k) & (within < counts[m][:, None])
-  index = order[jnp.clip(first_token[m][:, None] + within, 0, t - 1)]
-  return index, ok, modality
+  counts = jnp.sum(key[:, None] == jnp.arange(num_modalities)[None, :], axis=0)
+  return order, jnp.cumsum(counts) - counts, counts
 
 
-def _nll_local(tables: Sequence[jax.Array], y, ids, mods, valid, chunk: int | None):
-  """The single-device computation of own_vocab_nll."""
+def _runs(tables, y, ids, mods, valid, chunk: int, axes: tuple, grads: bool):
+  """Per modality k, a loop over ceil(n_k / c) chunks of its tokens (a dynamic trip count: only
+  the chunks that exist run), each [c, D] x [D, V_k].
+
+  y [T, D], ids, mods, valid [T]. Returns (sums [K] of the modality's token losses, and with
+  `grads` dy [T, D], the gradient of sum_k sums[k] w.r.t. y, and dtables, each like its
+  table): computing the gradients while the chunk's softmax is at hand costs two matmuls,
+  as a backward pass would, and keeps no [c, V] array past its chunk."""
+  t, d = y.shape
+  # under shard_map (axes: the batch axes) loop carries must vary over the axes as y does
+  vary = (lambda x: jax.lax.pcast(x, axes, to="varying")) if axes else (lambda x: x)
+  order, first, counts = _sorted_runs(mods, valid, len(tables))
+  lane = jnp.arange(chunk)
+  sums, dtables = [], []
+  dy = vary(jnp.zeros((t, d), jnp.float32))
+  for k, table in enumerate(tables):
+    w = table.astype(jnp.float32)
+    v = w.shape[0]
+
+    def body(j, carry, k=k, w=w, v=v):
+      total, dy, dw = carry
+      ok = j * chunk + lane < counts[k]
+      index = order[jnp.clip(first[k] + j * chunk + lane, 0, t - 1)]
+      y_c = y[index].astype(jnp.float32)                       # [c, D]
+      own = jnp.clip(ids[index], 0, v - 1)
+      logits = y_c @ w.T                                      # [c, V_k]
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      nll = lse - jnp.take_along_axis(logits, own[:, None], -1)[:, 0]
+      total = total + jnp.sum(jnp.where(ok, nll, 0.0))
+      if grads:
+        dlogits = jnp.exp(logits - lse[:, None]).at[lane, own].add(-1.0)
+        dlogits = jnp.where(ok[:, None], dlogits, 0.0)
+        dy = dy.at[jnp.where(ok, index, t)].set(dlogits @ w, mode="drop")
+        dw = dw + dlogits.T @ y_c
+      return total, dy, dw
+
+    init = (vary(jnp.zeros((), jnp.float32)), dy, vary(jnp.zeros(w.shape, w.dtype)) if grads
+            else None)
+    total, dy, dw = jax.lax.fori_loop(0, (counts[k] + chunk - 1) // chunk, body, init)
+    sums.append(total)
+    dtables.append(dw)
+  sums = jnp.stack(sums)
+  return (sums, dy, dtables) if grads else sums
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _sums_local(tables, y, ids, mods, valid, chunk, axes):
+  return _runs(tables, y, ids, mods, valid, chunk, axes, grads=False)
+
+
+def _sums_fwd(tables, y, ids, mods, valid, chunk, axes):
+  sums, dy, dtables = _runs(tables, y, ids, mods, valid, chunk, axes, grads=True)
+  return sums, (dy, dtables, ids, mods, valid)
+
+
+def _sums_bwd(chunk, axes, res, ct):
+  dy, dtables, ids, mods, valid = res
+  per_token = jnp.where(valid, ct[jnp.clip(mods, 0, ct.shape[0] - 1)], 0.0)       # [T]
+  d_tables = [ct[k] * dw for k, dw in enumerate(dtables)]
+  return (d_tables, dy * per_token[:, None], _int_zero(ids), _int_zero(mods), _int_zero(valid))
+
+
+def _int_zero(x):
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_sums_local.defvjp(_sums_fwd, _sums_bwd)
+
+
+def _local(tables, y, ids, mods, valid, chunk: int | None, axes: tuple = ()):
   b, m, d = y.shape
-  k = len(tables)
   t = b * m
-  c = chunk or chunk_size(t, k)
-  index, ok, modality = _chunk_table(mods.reshape(t), valid.reshape(t), k, c)
-  y_chunks = y.reshape(t, d)[index]                  # [G, c, D]
-  id_chunks = ids.reshape(t)[index]                  # [G, c]
-
-  def branch(table):
-    @jax.checkpoint
-    def nll(y_c, id_c):
-      logits = y_c.astype(jnp.float32) @ table.astype(jnp.float32).T       # [c, V_k]
-      own = jnp.clip(id_c, 0, table.shape[0] - 1)
-      picked = jnp.take_along_axis(logits, own[:, None], -1)[:, 0]
-      return jax.nn.logsumexp(logits, -1) - picked
-    return nll
-
-  def unused(y_c, id_c):   # zeros typed like the other branches' outputs (varying under shard_map)
-    return (id_c * 0).astype(jnp.float32)
-
-  branches = [branch(w) for w in tables] + [unused]
-
-  def body(_, xs):
-    y_c, id_c, mod = xs
-    return None, jax.lax.switch(mod, branches, y_c, id_c)
-
-  _, nll = jax.lax.scan(body, None, (y_chunks, id_chunks, modality))
-  nll = jnp.where(ok, nll, 0.0)
-  out = jnp.zeros((t,), jnp.float32).at[jnp.where(ok, index, t)].add(nll, mode="drop")
-  return out.reshape(b, m)
+  c = chunk or chunk_size(t, len(tables))
+  # float32 in and out of the custom gradient (the casts carry it back to bf16 inputs)
+  return _sums_local([w.astype(jnp.float32) for w in tables],
+                     y.reshape(t, d).astype(jnp.float32), ids.reshape(t), mods.reshape(t),
+                     valid.reshape(t), c, axes)
 
 
 def _batch_shards(mesh) -> tuple[tuple[str, ...], int]:
@@ -103,13 +141,14 @@ def _batch_shards(mesh) -> tuple[tuple[str, ...], int]:
   return axes, int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
-def own_vocab_nll(tables: Sequence[jax.Array], y, ids, mods, valid,
-                  chunk: int | None = None) -> jax.Array:
-  """-log p(token) of every decoder token under its own modality's logits.
+def own_vocab_losses(tables: Sequence[jax.Array], y, ids, mods, valid,
+                     chunk: int | None = None) -> jax.Array:
+  """Sum of -log p(token) over each modality's valid decoder tokens, each token under its own
+  modality's logits.
 
   tables: per target modality k, the output layer as [V_k, D] (logits = y @ table.T, in
   float32). y [B, M, D] decoder outputs; ids, mods int [B, M] (target id, modality index
-  into `tables`); valid bool [B, M]. Returns nll float32 [B, M], 0 where not valid.
+  into `tables`); valid bool [B, M]. Returns float32 [K]. Differentiable in tables and y.
   chunk: tokens per chunk (default chunk_size(tokens per device, K)).
   """
   if y.ndim != 3 or ids.shape != y.shape[:2] or mods.shape != ids.shape or \
@@ -119,16 +158,15 @@ def own_vocab_nll(tables: Sequence[jax.Array], y, ids, mods, valid,
   mesh = jax.sharding.get_abstract_mesh()
   axes, shards = _batch_shards(mesh) if not mesh.empty else ((), 1)
   if shards == 1 or y.shape[0] % shards:
-    return _nll_local(tables, y, ids, mods, valid, chunk)
+    return _local(tables, y, ids, mods, valid, chunk)
   rows = P(axes)
 
   def per_device(tables, *rest):
-    # Mark the (replicated) tables as varying here, at the top level: their gradient's sum over
-    # the batch shards then happens once, outside the scan, not inside a switch branch that
-    # other devices do not take (a collective there deadlocks).
+    # The replicated tables become per-device values here, at the top level, so that their
+    # gradient is summed over the batch shards once, after the backward pass.
     tables = [jax.lax.pcast(w, axes, to="varying") for w in tables]
-    return _nll_local(tables, *rest, chunk)
+    return jax.lax.psum(_local(tables, *rest, chunk, axes), axes)
 
   fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), rows, rows, rows, rows),
-                     out_specs=rows)
+                     out_specs=P())
   return fn(list(tables), y, ids, mods, valid)

@@ -40,7 +40,7 @@ def _counts(name: str, remat: str) -> tuple[float, float]:
 
 def _xent_xla_flops(name: str) -> float:
   """XLA's count of 4M's chunked loss (fourm_jax.xent) with its gradient, alone, on the step's
-  shapes. XLA counts a scan body once, so the step's count holds this much of the logits
+  shapes. XLA counts a loop body once, so the step's count holds this much of the logits
   whatever the tokens: subtracting it leaves the rest of the step to compare."""
   import jax.numpy as jnp
   from fourm_jax import train, xent
@@ -51,7 +51,7 @@ def _xent_xla_flops(name: str) -> float:
   y = jax.ShapeDtypeStruct((b, m, d), jnp.float32)
   ints = jax.ShapeDtypeStruct((b, m), jnp.int32)
   valid = jax.ShapeDtypeStruct((b, m), jnp.bool_)
-  grad = jax.grad(lambda t, y, *a: xent.own_vocab_nll(t, y, *a).sum(), argnums=(0, 1))
+  grad = jax.grad(lambda t, y, *a: xent.own_vocab_losses(t, y, *a).sum(), argnums=(0, 1))
   return loop.xla_flops(jax.jit(grad).lower(tables, y, ints, ints, valid).compile(), 1)
 
 
@@ -59,7 +59,7 @@ def _xent_xla_flops(name: str) -> float:
 def test_analytic_flops_match_xla_without_remat(name):
   analytic, xla = _counts(name, "none")
   assert analytic and xla
-  if name == "fourm":   # the logits, in a scan XLA counts once, are compared apart (below)
+  if name == "fourm":   # the logits, in loops XLA counts once, are compared apart (below)
     from fourm_jax import flops, train
     config = _config(name, "none")
     analytic -= flops_lib.train_step_flops(flops.logits_flops(train.build_model(config), config.batch_size,

@@ -1,6 +1,6 @@
-"""fourm_jax.xent: per-token cross-entropy over the token's own vocabulary, in chunks, equals
-the dense computation (every vocabulary at every position, then the own one picked), in value
-and gradient, whatever the mix of modalities."""
+"""fourm_jax.xent: the per-modality sums of cross-entropy, each token over its own vocabulary,
+in chunks with a custom gradient, equal the dense computation (every vocabulary at every
+position, then the own one picked), in value and gradient, whatever the mix of modalities."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +11,16 @@ from fourm_jax import xent
 VOCABS = (50, 17, 33)
 
 
-def dense_nll(tables, y, ids, mods, valid):
-  """The reference: log-softmax over each modality's full vocabulary at every position."""
-  out = jnp.zeros(ids.shape, jnp.float32)
+def dense_losses(tables, y, ids, mods, valid):
+  """The reference: log-softmax over each modality's full vocabulary at every position, then
+  each modality's sum over its valid tokens."""
+  out = []
   for k, w in enumerate(tables):
     logp = jax.nn.log_softmax(y @ w.T)
     own = jnp.where(mods == k, ids, 0)
-    out = out + jnp.where(mods == k, -jnp.take_along_axis(logp, own[..., None], -1)[..., 0], 0)
-  return jnp.where(valid, out, 0.0)
+    nll = -jnp.take_along_axis(logp, own[..., None], -1)[..., 0]
+    out.append(jnp.sum(jnp.where(valid & (mods == k), nll, 0.0)))
+  return jnp.stack(out)
 
 
 def make(seed, b=3, m=20, d=8, mods_p=None, valid_p=0.8):
@@ -38,39 +40,40 @@ def make(seed, b=3, m=20, d=8, mods_p=None, valid_p=0.8):
 def test_values_and_gradients_equal_dense(case):
   chunk = case.pop("chunk")
   tables, y, ids, mods, valid = make(**case)
-  weight = jnp.asarray(np.random.default_rng(9).random(ids.shape), jnp.float32)
+  weight = jnp.asarray([0.7, -1.3, 2.0], jnp.float32)     # any linear use of the sums
 
   def total(fn, tables, y):
     return jnp.sum(fn(tables, y, ids, mods, valid) * weight)
 
-  chunked = lambda *a: xent.own_vocab_nll(*a, chunk=chunk)
+  chunked = lambda *a: xent.own_vocab_losses(*a, chunk=chunk)
   np.testing.assert_allclose(chunked(tables, y, ids, mods, valid),
-                             dense_nll(tables, y, ids, mods, valid), rtol=1e-5, atol=1e-5)
+                             dense_losses(tables, y, ids, mods, valid), rtol=1e-5, atol=1e-5)
   g_chunked = jax.grad(lambda t, y: total(chunked, t, y), argnums=(0, 1))(tables, y)
-  g_dense = jax.grad(lambda t, y: total(dense_nll, t, y), argnums=(0, 1))(tables, y)
+  g_dense = jax.grad(lambda t, y: total(dense_losses, t, y), argnums=(0, 1))(tables, y)
   for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_dense)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_chunks_hold_one_modality_each():
-  """The work done is each token's own vocabulary: every used chunk holds tokens of one
-  modality, each valid token sits in exactly one chunk, and modality k uses ceil(n_k / c)
-  chunks (the switch then runs only that modality's matmul)."""
+def test_bfloat16_inputs_get_bfloat16_gradients():
+  tables, y, ids, mods, valid = make(6)
+  y16 = y.astype(jnp.bfloat16)
+  g = jax.grad(lambda y: xent.own_vocab_losses(tables, y, ids, mods, valid).sum())(y16)
+  assert g.dtype == jnp.bfloat16
+  ref = jax.grad(lambda y: dense_losses(tables, y, ids, mods, valid).sum())(
+      y16.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(g, np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_only_each_modalitys_chunks_run():
+  """The loops run ceil(n_k / c) chunks for modality k: the sorted runs hold each modality's
+  valid tokens, contiguous, in token order, and nothing else."""
   _, _, _, mods, valid = make(5, b=4, m=50, valid_p=0.7)
-  c = 8
-  index, ok, modality = map(np.asarray, xent._chunk_table(mods.reshape(-1), valid.reshape(-1),
-                                                         len(VOCABS), c))
+  order, first, counts = map(np.asarray, xent._sorted_runs(mods.reshape(-1), valid.reshape(-1),
+                                                          len(VOCABS)))
   flat_mods, flat_valid = np.asarray(mods).reshape(-1), np.asarray(valid).reshape(-1)
-  assert index.shape == (-(-200 // c) + len(VOCABS), c)
-  for g in range(index.shape[0]):
-    if modality[g] == len(VOCABS):
-      assert not ok[g].any()
-    else:
-      assert (flat_mods[index[g][ok[g]]] == modality[g]).all() and ok[g].any()
-  assert sorted(index[ok].tolist()) == np.flatnonzero(flat_valid).tolist()
   for k in range(len(VOCABS)):
-    n = int((flat_valid & (flat_mods == k)).sum())
-    assert (modality == k).sum() == -(-n // c)
+    run = order[first[k]:first[k] + counts[k]]
+    assert run.tolist() == np.flatnonzero(flat_valid & (flat_mods == k)).tolist()
 
 
 def test_chunk_size_bounds():
@@ -82,4 +85,4 @@ def test_chunk_size_bounds():
 def test_shape_errors_are_clear():
   tables, y, ids, mods, valid = make(0)
   with pytest.raises(ValueError, match="expected y"):
-    xent.own_vocab_nll(tables, y[0], ids, mods, valid)
+    xent.own_vocab_losses(tables, y[0], ids, mods, valid)
