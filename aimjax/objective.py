@@ -54,9 +54,10 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
 
 
 def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """Per-patch standardisation of the targets (MAE's norm_pix_loss)."""
+  """Per-patch standardisation of the targets (MAE's norm_pix_loss), with the unbiased variance
+  as the official training code (apple/ml-l3m, torch's `.var()`) computes it."""
   mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True, ddof=1)
   return (patches - mean) / jnp.sqrt(var + eps)
 
 

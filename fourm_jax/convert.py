@@ -76,7 +76,9 @@ def from_official(sd: Mapping[str, np.ndarray], model: FourM) -> dict:
     p.setdefault(f"mod_emb_{dst}", get(src + ".mod_emb"))
     used.add(src + ".mod_emb")
     emb = get(src + ".token_emb.weight")
-    p[f"dec_tok_{dst}"] = {"embedding": emb}
+    if model.tie_embeddings or m.kind == "seq":
+      # untied image-like targets enter the decoder as the mask token: no embedding here
+      p[f"dec_tok_{dst}"] = {"embedding": emb}
     out = get(src + ".to_logits.weight")
     if model.tie_embeddings:
       if not np.array_equal(out, emb):
