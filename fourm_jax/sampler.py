@@ -76,6 +76,11 @@ def _filter(logits, top_k, top_p):
   return jnp.where(use_p & (logits < cut), -jnp.inf, logits)
 
 
+def _rank(score):
+  """Rank of each entry along axis 1, highest score first (ties: lower index first)."""
+  return jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1)
+
+
 def guide(logits, weights):
   """[K + 1, ...] logits (K conditions, then the unconditional) -> uncond + sum_i w_i
   (cond_i - uncond)."""
@@ -144,10 +149,11 @@ class Sampler:
     return jax.tree.map(jnp.asarray, state)
 
   # ---- one forward ----------------------------------------------------------------------------
-  def _batch(self, state: State, target: str, given: Sequence[str]) -> dict:
+  def _batch(self, state: State, target: str, given: Sequence[str], decode=None) -> dict:
     """The model's batch: `given` modalities as inputs where known, the target's known tokens
-    as inputs and its unknown ones as decoder targets."""
-    unknown = state[target]["input_mask"]
+    as inputs and its `decode` positions (default: every unknown one) as decoder targets,
+    attending to each other."""
+    unknown = state[target]["input_mask"] if decode is None else decode
     batch = {}
     for name, m in self.modalities.items():
       b, n = state[name]["input_mask"].shape
@@ -186,36 +192,50 @@ class Sampler:
       given = given + (~mask(target)).sum(1)
     return int(np.max(given)), int(np.max(unknown))
 
-  def target_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
-                    weights=None, num_encoder_tokens: int | None = None,
-                    num_decoder_tokens: int | None = None):
-    """Logits [B, N, V] of every position of an image-like `target` (float32); only the
-    unknown positions' are computed (the first `num_decoder_tokens` of them, default all N
-    positions), the known ones hold some unknown position's logits.
+  def slot_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
+                  weights=None, num_encoder_tokens: int | None = None,
+                  num_decoder_tokens: int | None = None, decode=None):
+    """The decoder's logits for the positions of an image-like `target` it decodes.
 
-    groups: condition groups (each a tuple of modality names given in it). With weights
-    (one per group) the result is the guided combination with the unconditional pass
-    (groups + one empty group, in one batched forward); without, groups must be one group
-    and the result its conditional logits.
+    decode: bool [B, N], the positions to decode (default: every unknown one); the decoder
+    gets the first `num_decoder_tokens` of them (default N) in position order. groups:
+    condition groups (each a tuple of modality names given in it). With weights (one per
+    group) the logits are the guided combination with the unconditional pass (groups + one
+    empty group, in one batched forward); without, groups must be one group.
+
+    Returns (logits [B, S, V] float32, position int [B, S] of each slot, valid bool [B, S]:
+    the slot holds a position to decode), S = num_decoder_tokens.
     """
     m = self.modalities[target]
     if m.kind not in ("image", "global"):
       raise ValueError(f"{target} is a {m.kind} modality; MaskGIT/ROAR decode image-like "
                        "tokens (use the autoregressive scheme for sequences)")
+    decode = state[target]["input_mask"] if decode is None else decode
     variants = list(groups) + ([()] if weights is not None else [])
-    batches = [self._batch(state, target, g) for g in variants]
+    batches = [self._batch(state, target, g, decode) for g in variants]
     batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
     n_dec = num_decoder_tokens or m.num_tokens
     variables = {"params": params}
     n_enc = num_encoder_tokens or self.num_encoder_tokens or self.max_encoder_tokens
     y, _, _, _ = self.model.apply(variables, batch, n_enc, n_dec)
-    slot_logits = self.model.apply(variables, y, target, method=self.model.logits)
-    unknown = jnp.concatenate([state[target]["input_mask"]] * len(variants), 0)
-    pos_of_slot = jnp.argsort(~unknown, axis=1, stable=True)   # unknown positions first, in order
-    slot = jnp.minimum(jnp.argsort(pos_of_slot, axis=1), n_dec - 1)
-    logits = jnp.take_along_axis(slot_logits, slot[..., None], axis=1)
+    logits = self.model.apply(variables, y, target, method=self.model.logits)
     logits = logits.reshape(len(variants), -1, *logits.shape[1:])
-    return logits[0] if weights is None else guide(logits, weights)
+    logits = logits[0] if weights is None else guide(logits, weights)
+    position = jnp.argsort(~decode, axis=1, stable=True)[:, :n_dec]   # decoded positions first
+    valid = jnp.arange(n_dec)[None, :] < jnp.sum(decode, axis=1, keepdims=True)
+    return logits, position, valid
+
+  def target_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
+                    weights=None, num_encoder_tokens: int | None = None,
+                    num_decoder_tokens: int | None = None):
+    """Logits [B, N, V] of every position of an image-like `target` (float32), from
+    `slot_logits`: the unknown positions' (the first `num_decoder_tokens` of them); the known
+    positions hold some unknown position's logits."""
+    logits, position, _ = self.slot_logits(params, state, target, groups, weights,
+                                           num_encoder_tokens, num_decoder_tokens)
+    slot = jnp.minimum(jnp.argsort(jnp.argsort(~state[target]["input_mask"], axis=1,
+                                               stable=True), axis=1), position.shape[1] - 1)
+    return jnp.take_along_axis(logits, slot[..., None], axis=1)
 
   # ---- one decoding step ----------------------------------------------------------------------
   def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int,
@@ -224,26 +244,33 @@ class Sampler:
     if key not in self._steps:
       def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
         self.traces += 1          # runs once per compilation
-        logits = self.target_logits(params, state, target, groups, weights if guided else None,
-                                    n_enc, n_dec)
+        unknown = state[target]["input_mask"]
+        r_sample, r_pos = jax.random.split(rng)
+        if scheme == "roar":      # n random unknown positions, and only they are decoded
+          decode = unknown & (_rank(jnp.where(unknown, jax.random.uniform(r_pos, unknown.shape),
+                                              -jnp.inf)) < n_select)
+        else:                     # maskgit: every unknown position, the n most confident kept
+          decode = unknown
+        logits, position, valid = self.slot_logits(
+            params, state, target, groups, weights if guided else None, n_enc, n_dec, decode)
         logits = filter_logits(logits, top_k, top_p)
         greedy = temperature <= 1e-6
         scaled = logits / jnp.where(greedy, 1.0, temperature)
-        r_sample, r_pos = jax.random.split(rng)
         sampled = jnp.where(greedy, jnp.argmax(logits, -1),
                             jax.random.categorical(r_sample, scaled, axis=-1))
-        probs = jax.nn.softmax(scaled, axis=-1)
-        conf = jnp.take_along_axis(probs, sampled[..., None], -1)[..., 0]
-        unknown = state[target]["input_mask"]
         if scheme == "roar":
-          conf = jax.random.uniform(r_pos, conf.shape)
-        score = jnp.where(unknown, conf, -jnp.inf)
-        rank = jnp.argsort(jnp.argsort(-score, axis=1, stable=True), axis=1)
-        chosen = unknown & (rank < n_select)
-        new = {**state, target: {
-            "tensor": jnp.where(chosen, sampled.astype(state[target]["tensor"].dtype),
-                                state[target]["tensor"]),
-            "input_mask": unknown & ~chosen}}
+          keep = valid
+        else:
+          conf = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), sampled[..., None],
+                                     -1)[..., 0]
+          keep = valid & (_rank(jnp.where(valid, conf, -jnp.inf)) < n_select)
+        rows = jnp.arange(position.shape[0])[:, None]
+        # slots not kept write to a dropped index
+        where = jnp.where(keep, position, unknown.shape[1])
+        tensor = state[target]["tensor"].at[rows, where].set(
+            sampled.astype(state[target]["tensor"].dtype), mode="drop")
+        new = {**state, target: {"tensor": tensor,
+                                 "input_mask": unknown.at[rows, where].set(False, mode="drop")}}
         return new
       self._steps[key] = jax.jit(step)
     return self._steps[key]
@@ -356,6 +383,8 @@ class Sampler:
       n_enc = self.num_encoder_tokens or int(min(max(enc_known + decoded, 1),
                                                  self.max_encoder_tokens))
       n_dec = max(unknown - decoded, 1)
+      if step.scheme == "roar":      # the decoder gets only the n chosen positions
+        n_dec = max(min(step.num_tokens, n_dec), 1)
       fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec)
       decoded += step.num_tokens
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),

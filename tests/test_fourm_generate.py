@@ -277,3 +277,29 @@ def test_cached_decoding_with_qk_norm_and_biases_matches_the_full_decoder():
   for row, ref in zip(np.asarray(out["caption"]["tensor"]), want):
     end = list(ref).index(EOS_ID) + 1 if EOS_ID in ref else len(ref)
     np.testing.assert_array_equal(row[:end], ref[:end])
+
+
+def test_roar_decodes_only_the_chosen_positions(sampler):
+  """Official ROAR (ml-4m generate.py, forward_mask_decoder_roar): n random unknown positions
+  are chosen first and only they go through the decoder, attending to each other; the other
+  unknown positions are not in the decoder at all. So, greedy, a ROAR step's tokens are the
+  argmax of a forward pass whose decoder targets are exactly the decoded positions, and that
+  pass differs from one over every unknown position (MaskGIT's)."""
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  out = sampler.generate(state, [schedules.Step(DEPTH, "roar", 5, 0.0)], jax.random.key(3))
+  chosen = np.asarray(state[DEPTH]["input_mask"]) & ~np.asarray(out[DEPTH]["input_mask"])
+  assert (chosen.sum(1) == 5).all()
+  model, variables = sampler.model, {"params": sampler.params}
+
+  def logits_over(decode, n):
+    batch = sampler._batch(state, DEPTH, (RGB,), jnp.asarray(decode))
+    y, _, _, _ = model.apply(variables, batch, sampler.max_encoder_tokens, n)
+    return np.asarray(model.apply(variables, y, DEPTH, method=model.logits))   # slots in order
+
+  got = np.asarray(out[DEPTH]["tensor"])
+  want = logits_over(chosen, 5)
+  for row in range(2):
+    np.testing.assert_array_equal(got[row][chosen[row]], want[row].argmax(-1))
+  everything = logits_over(np.ones((2, 16), bool), 16)
+  for row in range(2):
+    assert not np.allclose(everything[row][chosen[row]], want[row], atol=1e-4)
