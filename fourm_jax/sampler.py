@@ -181,27 +181,30 @@ class Sampler:
       n += self._length(self.modalities[target])
     return int(min(max(64, -(-n // 64) * 64), self.max_encoder_tokens))
 
-  def _known_counts(self, state: State, target: str) -> tuple[int, int]:
+  def _known_counts(self, state: State, target: str) -> tuple[int, int, int]:
     """(most given tokens any row can put in the encoder when decoding `target`: the known
-    tokens of the other inputs, plus the target's own if it is an input; most unknown target
+    tokens of the other inputs, plus the target's own if it is an input; the most of the
+    target's own known tokens (the unconditional pass's encoder); most unknown target
     positions of any row), read from `state` once per target."""
     mask = lambda n: np.asarray(state[n]["input_mask"])
     given = sum((~mask(n)).sum(1) for n in self.input_names if n != target)
     unknown = mask(target).sum(1)
-    if target in self.input_names:
-      given = given + (~mask(target)).sum(1)
-    return int(np.max(given)), int(np.max(unknown))
+    own = (~mask(target)).sum(1) if target in self.input_names else np.zeros_like(unknown)
+    return int(np.max(given + own)), int(np.max(own)), int(np.max(unknown))
 
   def slot_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
                   weights=None, num_encoder_tokens: int | None = None,
-                  num_decoder_tokens: int | None = None, decode=None):
+                  num_decoder_tokens: int | None = None, decode=None,
+                  uncond_encoder_tokens: int | None = None):
     """The decoder's logits for the positions of an image-like `target` it decodes.
 
     decode: bool [B, N], the positions to decode (default: every unknown one); the decoder
     gets the first `num_decoder_tokens` of them (default N) in position order. groups:
     condition groups (each a tuple of modality names given in it). With weights (one per
     group) the logits are the guided combination with the unconditional pass (groups + one
-    empty group, in one batched forward); without, groups must be one group.
+    empty group); the conditional passes run as one batched forward, and the unconditional one
+    too unless `uncond_encoder_tokens` gives it its own (shorter) encoder length, when it runs
+    apart; without weights, groups must be one group.
 
     Returns (logits [B, S, V] float32, position int [B, S] of each slot, valid bool [B, S]:
     the slot holds a position to decode), S = num_decoder_tokens.
@@ -211,16 +214,24 @@ class Sampler:
       raise ValueError(f"{target} is a {m.kind} modality; MaskGIT/ROAR decode image-like "
                        "tokens (use the autoregressive scheme for sequences)")
     decode = state[target]["input_mask"] if decode is None else decode
-    variants = list(groups) + ([()] if weights is not None else [])
-    batches = [self._batch(state, target, g, decode) for g in variants]
-    batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
     n_dec = num_decoder_tokens or m.num_tokens
     variables = {"params": params}
     n_enc = num_encoder_tokens or self.num_encoder_tokens or self.max_encoder_tokens
-    y, _, _, _ = self.model.apply(variables, batch, n_enc, n_dec)
-    logits = self.model.apply(variables, y, target, method=self.model.logits)
-    logits = logits.reshape(len(variants), -1, *logits.shape[1:])
-    logits = logits[0] if weights is None else guide(logits, weights)
+
+    def forward(variants, encoder_tokens):     # -> [len(variants), B, S, V]
+      batches = [self._batch(state, target, g, decode) for g in variants]
+      batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
+      y, _, _, _ = self.model.apply(variables, batch, encoder_tokens, n_dec)
+      logits = self.model.apply(variables, y, target, method=self.model.logits)
+      return logits.reshape(len(variants), -1, *logits.shape[1:])
+
+    if weights is None:
+      logits = forward(list(groups), n_enc)[0]
+    elif uncond_encoder_tokens:     # the unconditional pass at its own length
+      logits = guide(jnp.concatenate([forward(list(groups), n_enc),
+                                      forward([()], uncond_encoder_tokens)]), weights)
+    else:
+      logits = guide(forward(list(groups) + [()], n_enc), weights)
     position = jnp.argsort(~decode, axis=1, stable=True)[:, :n_dec]   # decoded positions first
     valid = jnp.arange(n_dec)[None, :] < jnp.sum(decode, axis=1, keepdims=True)
     return logits, position, valid
@@ -239,8 +250,8 @@ class Sampler:
 
   # ---- one decoding step ----------------------------------------------------------------------
   def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int,
-               n_dec: int):
-    key = (target, scheme, groups, guided, n_enc, n_dec)
+               n_dec: int, n_enc_uncond: int | None = None):
+    key = (target, scheme, groups, guided, n_enc, n_dec, n_enc_uncond)
     if key not in self._steps:
       def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
         self.traces += 1          # runs once per compilation
@@ -252,7 +263,8 @@ class Sampler:
         else:                     # maskgit: every unknown position, the n most confident kept
           decode = unknown
         logits, position, valid = self.slot_logits(
-            params, state, target, groups, weights if guided else None, n_enc, n_dec, decode)
+            params, state, target, groups, weights if guided else None, n_enc, n_dec, decode,
+            n_enc_uncond)
         logits = filter_logits(logits, top_k, top_p)
         greedy = temperature <= 1e-6
         scaled = logits / jnp.where(greedy, 1.0, temperature)
@@ -368,7 +380,7 @@ class Sampler:
         current = step.target
         known = [n for n in self.input_names if n != current and
                  not bool(np.all(np.asarray(state[n]["input_mask"])))]
-        enc_known, unknown = self._known_counts(state, current)
+        enc_known, own_known, unknown = self._known_counts(state, current)
         decoded = 0
         if conditions is not None:
           groups, guided = tuple(tuple(g) for g in conditions), True
@@ -385,7 +397,10 @@ class Sampler:
       n_dec = max(unknown - decoded, 1)
       if step.scheme == "roar":      # the decoder gets only the n chosen positions
         n_dec = max(min(step.num_tokens, n_dec), 1)
-      fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec)
+      # guided: the unconditional pass's encoder holds only the target's own known tokens
+      n_uncond = (None if not guided or self.num_encoder_tokens else
+                  int(min(max(own_known + decoded, 1), self.max_encoder_tokens)))
+      fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec, n_uncond)
       decoded += step.num_tokens
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
                  jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),

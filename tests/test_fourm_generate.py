@@ -153,7 +153,7 @@ def test_exact_lengths_give_the_fixed_length_logits(sampler):
   mask[0, :5] = False
   mask[1, 3:9] = False
   state[DEPTH] = {"tensor": state[DEPTH]["tensor"] + 3, "input_mask": jnp.asarray(mask)}
-  enc, dec = sampler._known_counts(state, DEPTH)
+  enc, _, dec = sampler._known_counts(state, DEPTH)
   assert dec == 11
   full = sampler.target_logits(sampler.params, state, DEPTH, [(RGB,)], None,
                                sampler.max_encoder_tokens, 16)
@@ -303,3 +303,20 @@ def test_roar_decodes_only_the_chosen_positions(sampler):
   everything = logits_over(np.ones((2, 16), bool), 16)
   for row in range(2):
     assert not np.allclose(everything[row][chosen[row]], want[row], atol=1e-4)
+
+
+def test_the_unconditional_pass_at_its_own_length_gives_the_same_guided_logits(sampler):
+  """Guidance runs the unconditional pass apart, its encoder holding only the target's own
+  known tokens; padding it to the conditional pass's length (one batched forward) gives the
+  same guided logits."""
+  state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
+  mask = np.ones((2, 16), bool)
+  mask[:, :3] = False
+  state[DEPTH] = {"tensor": state[DEPTH]["tensor"] + 1, "input_mask": jnp.asarray(mask)}
+  enc, own, dec = sampler._known_counts(state, DEPTH)
+  assert own == 3
+  w = jnp.asarray([2.5])
+  batched, _, _ = sampler.slot_logits(sampler.params, state, DEPTH, [(RGB,)], w, enc, dec)
+  apart, _, _ = sampler.slot_logits(sampler.params, state, DEPTH, [(RGB,)], w, enc, dec,
+                                    uncond_encoder_tokens=own)
+  np.testing.assert_allclose(apart, batched, atol=2e-5)
