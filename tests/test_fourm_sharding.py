@@ -3,9 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, subprocess_env
 
 
+@pytest.mark.slow
 def test_sharded_4m_steps_match_single_device_steps():
   env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
                        PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
