@@ -24,9 +24,8 @@ batch, N = num_encoder_tokens, M = num_decoder_tokens, D the width:
                     (fourm_jax.xent), [D] x [D, V_m] per token; how many tokens each
                     target gets varies per sample (Dirichlet budgets), so the count uses
                     the expected share, equal for every target: B M D mean_m(V_m); see
-                    `logits_flops`. The chunked loss also recomputes its chunks' logits in
-                    the backward pass and pads each modality's last chunk: program
-                    FLOPs, not model FLOPs, like remat.
+                    `logits_flops`. The chunked loss pads each modality's last chunk:
+                    program FLOPs, not model FLOPs, like remat.
 """
 from __future__ import annotations
 
