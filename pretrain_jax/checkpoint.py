@@ -105,8 +105,10 @@ def restore_parts(workdir: str, parts=("params",), step: int | None = None) -> d
   nothing else is loaded (no optimizer moments), and the saved device layout is not needed,
   so a run trained on a pod loads on one host."""
   path = state_dir(workdir, step)
-  tree = ocp.PyTreeCheckpointer().metadata(path)
-  tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
+  # The handler's metadata (not the Checkpointer's): the item directory of a managed
+  # checkpoint has no _CHECKPOINT_METADATA of its own, which the Checkpointer warns about.
+  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+  tree = getattr(tree, "tree", tree)
   missing = [p for p in parts if p not in tree]
   if missing:
     raise ValueError(f"checkpoint {path} has no {missing} (it has {sorted(tree)})")
