@@ -217,10 +217,11 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
+  from pretrain_jax import cli
   flags.DEFINE_string("input", None, "Official AIM v1 checkpoint (.safetensors or .pth).")
   flags.DEFINE_string("variant", "", "0.6B, 1B, 3B or 7B (default: inferred from shapes).")
   flags.DEFINE_string("out", None, "Output directory (a workdir aimjax.load can read).")
   flags.DEFINE_integer("image_size", 224, "Input resolution the model is built for.")
   flags.DEFINE_integer("num_heads", 0, "Attention heads (default: width / 128, as released).")
   flags.mark_flags_as_required(["input", "out"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

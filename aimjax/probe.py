@@ -3,7 +3,7 @@ for several blocks at once, optionally with LoRA adapters on the trunk. The
 same probes read a 4M encoder on RGB pixels with `--config.backbone=fourm`
 (`init_from` a fourm_jax.train workdir; fourm_jax.backbone).
 
-  python -m aimjax.probe --config=configs/aim/probe.py:variant=tiny \
+  python -m aimjax.probe --config=configs/aim/probe.py:variant=tiny \\
       --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
 
 One trunk forward per batch (bidirectional unless `causal`) feeds one probe

@@ -1,6 +1,6 @@
 """Pseudo-labelling: images -> aligned multimodal ArrayRecord shards, one field per modality.
 
-  python -m fourm_jax.pseudo_label --config=configs/fourm/pseudo_label.py \
+  python -m fourm_jax.pseudo_label --config=configs/fourm/pseudo_label.py \\
       --input=folder:/data/my_images --out=/data/my_images_4m
 
 Input specs are those of the training pipelines (`folder:`, `arrayrecord:`,

@@ -1,8 +1,8 @@
 """Retrieval with 4M (4M-21 Sec. 3.3): predict a global embedding from any modalities, rank a
 gallery by cosine similarity.
 
-  python -m fourm_jax.retrieval --workdir=workdir/4m --target=tok_dinov2_global \
-      --tokenizer=workdir/tok_dinov2_global --condition=caption:"a red sphere" \
+  python -m fourm_jax.retrieval --workdir=workdir/4m --target=tok_dinov2_global \\
+      --tokenizer=workdir/tok_dinov2_global --condition=caption:"a red sphere" \\
       --text_tokenizer=text.json --gallery='data/val/*.array_record' --gallery_field=dinov2_global
 
 The query's global-embedding tokens are generated (MaskGIT at temperature 0
@@ -92,7 +92,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  from pretrain_jax import cli  # noqa: F401  (defines --workdir: the fourm_jax.train workdir)
+  from pretrain_jax import cli  # defines --workdir: the fourm_jax.train workdir
+  cli.show_in_help("workdir")
   flags.DEFINE_multi_string("condition", [], "MODALITY:VALUE (text, image file or .npy).")
   flags.DEFINE_string("target", "", "The global-embedding modality to predict.")
   flags.DEFINE_string("tokenizer", "", "The target's MLP dVAE (tokenizers_jax.train workdir).")
@@ -102,4 +103,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("top_k", 5, "How many results.")
   flags.DEFINE_integer("steps", 1, "MaskGIT steps for the embedding tokens.")
   flags.DEFINE_string("out", "", "Optional JSON file of the results.")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,6 +1,6 @@
 """4M pretraining on token shards (tokenizers_jax.tokenize output).
 
-  python -m fourm_jax.train --config=configs/fourm/pretrain.py:variant=tiny --workdir=/tmp/4m \
+  python -m fourm_jax.train --config=configs/fourm/pretrain.py:variant=tiny --workdir=/tmp/4m \\
       --config.data.train='data/scenes_4m_tokens/train-*.array_record'
 
 Each record's fields are read as the configured modalities

@@ -24,7 +24,7 @@ dry=0
 per_host=0
 nodes="${SLURM_JOB_NUM_NODES:-1}"
 gpus="${SLURM_GPUS_ON_NODE:-8}"
-while [[ $# -gt 0 && "$1" == --* ]]; do
+while [[ $# -gt 0 && "$1" == -* ]]; do   # options, then MODULE
   case "$1" in
     --dry-run) dry=1 ;;
     --per-host) per_host=1 ;;

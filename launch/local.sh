@@ -26,7 +26,7 @@ fake=0
 procs=1
 hosts=0
 port=""
-while [[ $# -gt 0 && "$1" == --* ]]; do
+while [[ $# -gt 0 && "$1" == -* ]]; do   # options, then MODULE
   case "$1" in
     --dry-run) dry=1 ;;
     --fake-devices=*) fake="${1#*=}" ;;

@@ -29,7 +29,7 @@ zone=""
 type="v5p-8"
 version=""
 python="python3.11"
-while [[ $# -gt 0 && "$1" == --* ]]; do
+while [[ $# -gt 0 && "$1" == -* ]]; do   # options, then MODULE
   case "$1" in
     --dry-run) dry=1 ;;
     --name=*) name="${1#*=}" ;;

@@ -4,6 +4,9 @@
 overrides any key (an unknown key or a value of the wrong type fails at
 start naming the key); `--workdir` holds checkpoints, metrics and logs, and
 a run started on a workdir with checkpoints resumes from the latest one.
+Every entry point parses its flags with `parse_flags`: `--help` (or `-h`)
+prints the module's docstring and its own flags, these shared ones included,
+and exits 0.
 """
 from __future__ import annotations
 
@@ -88,13 +91,37 @@ def run(main: Callable[[object, str], object],
       raise
 
   flags.mark_flags_as_required(["config"])
-  app.run(_main, flags_parser=_parse_flags)
+  show_in_help("config", "workdir", "distributed", "verbose_libraries")
+  app.run(_main, flags_parser=parse_flags)
 
 
-def _parse_flags(argv):
-  """absl's parser, but an override of a key the config lacks is one clear line."""
+def show_in_help(*names: str) -> None:
+  """Lists these flags (defined here or elsewhere) in the running module's --help.
+
+  absl's --help shows only the main module's key flags; the shared ones defined
+  here would otherwise appear only in --helpfull, among every library's.
+  """
+  for name in names:
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+_HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def parse_flags(argv):
+  """absl's parser (app.run's flags_parser), with a few fixes for a command line.
+
+  `--help` and `-h` print the usage and exit 0 (absl exits 1); an override of
+  a key the config lacks is one clear line.
+  """
+  end = argv.index("--") if "--" in argv else len(argv)
+  argv = [a if a != "-h" or i >= end else "--help" for i, a in enumerate(argv)]
   try:
     return FLAGS(argv)
+  except SystemExit as e:   # absl's help flags print the usage, then exit 1
+    if e.code == 1 and any(a.split("=", 1)[0] in _HELP for a in argv[1:end]):
+      sys.exit(0)
+    raise
   except flags.Error as e:   # e.g. --config.model.width=banana
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

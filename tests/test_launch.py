@@ -48,6 +48,7 @@ def test_dry_run_prints_what_the_readme_says(cmd, expected):
 @pytest.mark.parametrize("args,message", [
     (["launch/local.sh"], "usage"),
     (["launch/gpu_slurm.sh", "--bogus", "x"], "unknown option --bogus"),
+    (["launch/local.sh", "-x", "aimjax.train"], "unknown option -x"),
     (["launch/tpu_pod.sh", "--dry-run", "aimjax.train"], "--name and --zone are required"),
     (["launch/tpu_pod.sh", "--dry-run", "--name=a", "--zone=b"], "give MODULE"),
 ])
@@ -86,8 +87,11 @@ def test_gpu_slurm_gives_every_process_the_right_local_device_ids(mode, ids, tas
   assert srun.startswith(f"srun --nodes=2 {tasks} --kill-on-bad-exit=1 ")
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
 @pytest.mark.parametrize("script", ["launch/local.sh", "launch/gpu_slurm.sh", "launch/tpu_pod.sh"])
-def test_launch_scripts_answer_help(script):
-  proc = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True,
+def test_launch_scripts_answer_help(script, flag):
+  proc = subprocess.run(["bash", script, flag], cwd=ROOT, capture_output=True, text=True,
                         timeout=60)
-  assert proc.returncode == 0 and "--dry-run" in proc.stdout and "set -euo" not in proc.stdout
+  assert proc.returncode == 0, proc.stderr
+  assert f"{script} " in proc.stdout and "--dry-run" in proc.stdout     # the usage lines
+  assert "set -euo" not in proc.stdout and "#SBATCH" not in proc.stdout and not proc.stderr

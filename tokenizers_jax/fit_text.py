@@ -1,6 +1,6 @@
 """Fitting the WordPiece vocabulary of every sequence modality on the shards' captions.
 
-  python -m tokenizers_jax.fit_text --config=configs/tokenizers/text.py \
+  python -m tokenizers_jax.fit_text --config=configs/tokenizers/text.py \\
       --input='data/scenes_4m/*.array_record' --out=data/text_tokenizer.json
 
 Reads the `caption` field of pseudo-labelled shards (at most

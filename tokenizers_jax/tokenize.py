@@ -1,8 +1,8 @@
 """Pseudo-labelled shards -> token shards for 4M training.
 
-  python -m tokenizers_jax.tokenize --config=configs/tokenizers/tokenize.py \
-      --input='data/scenes_4m/*.array_record' --out=data/scenes_4m_tokens \
-      --config.image_tokenizers.depth=workdir/tok_depth \
+  python -m tokenizers_jax.tokenize --config=configs/tokenizers/tokenize.py \\
+      --input='data/scenes_4m/*.array_record' --out=data/scenes_4m_tokens \\
+      --config.image_tokenizers.depth=workdir/tok_depth \\
       --config.text_tokenizer=data/text_tokenizer.json
 
 Each input shard becomes one output shard of the same name holding, per

@@ -1,6 +1,6 @@
 """Training tokenizers on the shared core: one CLI for the three kinds.
 
-  python -m tokenizers_jax.train --config=configs/tokenizers/vqvae.py:modality=depth,variant=tiny \
+  python -m tokenizers_jax.train --config=configs/tokenizers/vqvae.py:modality=depth,variant=tiny \\
       --workdir=workdir/tok_depth
   python -m tokenizers_jax.train --config=configs/tokenizers/diffusion.py:modality=rgb ...
   python -m tokenizers_jax.train --config=configs/tokenizers/mlp_vae.py:target=pose ...

@@ -139,6 +139,7 @@ def main(argv):
 if __name__ == "__main__":   # flags only here: spawned workers import this module too
   from absl import app
   from absl import flags
+  from pretrain_jax import cli
   flags.DEFINE_string("out", None, "Directory for the shards (created if missing).")
   flags.DEFINE_integer("num", None, "Number of scenes to write.")
   flags.DEFINE_integer("seed", 0, "Scenes dataset seed (scenes.render_scene).")
@@ -147,4 +148,4 @@ if __name__ == "__main__":   # flags only here: spawned workers import this modu
                        f"Number of shards (default: about {RECORDS_PER_SHARD} records each).")
   flags.DEFINE_integer("workers", 0, "Processes writing shards in parallel (0: this process).")
   flags.mark_flags_as_required(["out", "num"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
