@@ -1,8 +1,8 @@
 """Any-to-any generation with a trained 4M, from the command line.
 
-  python -m fourm_jax.generate --workdir=workdir/4m_tiny \
-      --condition=caption:"a red sphere left of a blue cube" --targets=rgb,depth \
-      --tokenizers=workdir/tok_rgb,workdir/tok_depth --text_tokenizer=text.json \
+  python -m fourm_jax.generate --workdir=workdir/4m_tiny \\
+      --condition=caption:"a red sphere left of a blue cube" --targets=rgb,depth \\
+      --tokenizers=workdir/tok_rgb,workdir/tok_depth --text_tokenizer=text.json \\
       --num_samples=4 --steps=8 --temperature=0.7 --out=workdir/generations
 
 Conditions are `MODALITY:VALUE`: a caption's text, an image file (PNG/JPEG)
@@ -216,7 +216,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  from pretrain_jax import cli  # noqa: F401  (defines --workdir: the fourm_jax.train workdir)
+  from pretrain_jax import cli  # defines --workdir: the fourm_jax.train workdir
+  cli.show_in_help("workdir")
   flags.DEFINE_multi_string("condition", [], "MODALITY:VALUE (text, image file or .npy).")
   flags.DEFINE_string("targets", "", "Comma-separated modalities to generate, in order.")
   flags.DEFINE_string("tokenizers", "", "Comma-separated tokenizers_jax.train workdirs.")
@@ -230,4 +231,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("top_k", 0, "Top-k filtering (0: off).")
   flags.DEFINE_float("top_p", 0.0, "Nucleus filtering (0: off).")
   flags.DEFINE_integer("seed", 0, "Random seed.")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
