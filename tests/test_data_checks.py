@@ -159,3 +159,49 @@ def test_chain_is_lazy_and_iterates_its_parts_in_order():
   assert list(chain) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2)]
   assert list(chain) == list(chain)             # iterable again (one per evaluation)
   assert chain[2] == ("b", 0) and chain[-1] == ("b", 2)
+
+
+def _records_with_a_bad_image(path, n: int, bad: int) -> str:
+  """n AIM records whose record `bad` holds bytes that are no image under `image`."""
+  import numpy as np
+  from pretrain_jax.data import records
+  writer = arm.ArrayRecordWriter(str(path), "group_size:1")
+  for i in range(n):
+    image = (b"\x89PNG not really" if i == bad
+             else np.full((8, 8, 3), i, np.uint8))
+    writer.write(records.encode_record({"image": image, "label": i}))
+  writer.close()
+  return str(path)
+
+
+def test_an_undecodable_image_is_named_by_shard_and_index_not_by_a_buffer_address(tmp_path):
+  shard = _records_with_a_bad_image(tmp_path / "bad.array_record", 8, bad=3)
+  with pytest.raises(DataError) as info:
+    it = iter(pipeline.train_dataset(aim_data(f"arrayrecord:{shard}"), 4, 0))
+    next(it), next(it)
+  message = str(info.value)
+  assert f"{shard}[3]" in message and "object at 0x" not in message, message
+  assert "no format PIL reads" in message and "starting b'\\x89PNG not'" in message
+
+
+def test_an_undecodable_image_file_is_named_by_its_path(tmp_path):
+  folder = tmp_path / "images"
+  folder.mkdir()
+  (folder / "broken.png").write_bytes(b"not a png")
+  with pytest.raises(DataError) as info:
+    next(iter(pipeline.train_dataset(aim_data(f"folder:{folder}"), 1, 0)))
+  message = str(info.value)
+  assert f"{folder / 'broken.png'}" in message and "object at 0x" not in message, message
+
+
+def test_an_undecodable_image_field_of_a_multimodal_shard_is_named_too(tmp_path):
+  from pretrain_jax.data import multimodal
+  shard = _records_with_a_bad_image(tmp_path / "mm.array_record", 2, bad=1)
+  decode = multimodal.DecodeModalities({"image": schema_lib.FieldSpec("image")}, ["image"])
+  reader = arm.ArrayRecordReader(shard)
+  payload = reader.read([1])[0]
+  reader.close()
+  with pytest.raises(DataError) as info:
+    decode.map((f"{shard}[1]", payload))
+  message = str(info.value)
+  assert f"{shard}[1]" in message and "object at 0x" not in message, message

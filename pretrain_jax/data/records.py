@@ -71,10 +71,17 @@ def decode_image(value: Any) -> np.ndarray:
   """Encoded bytes or an array -> uint8 [H, W, 3].
 
   Encoded images of any mode (grayscale, CMYK, palette) are converted to
-  RGB; a raw array must already be [H, W, 3] uint8.
+  RGB; a raw array must already be [H, W, 3] uint8. Bytes that are no image
+  raise ValueError saying what they start with (PIL's own message names only
+  its in-memory buffer's address; the caller names the record).
   """
   if isinstance(value, (bytes, bytearray)):
-    with Image.open(io.BytesIO(value)) as img:
+    try:
+      img = Image.open(io.BytesIO(value))
+    except Image.UnidentifiedImageError:
+      raise ValueError(f"image bytes are in no format PIL reads ({len(value)} bytes, "
+                       f"starting {bytes(value[:8])!r})") from None
+    with img:
       return np.asarray(img.convert("RGB"))
   image = np.asarray(value)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
