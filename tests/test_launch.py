@@ -95,3 +95,15 @@ def test_launch_scripts_answer_help(script, flag):
   assert proc.returncode == 0, proc.stderr
   assert f"{script} " in proc.stdout and "--dry-run" in proc.stdout     # the usage lines
   assert "set -euo" not in proc.stdout and "#SBATCH" not in proc.stdout and not proc.stderr
+
+
+def test_what_the_readme_writes_into_the_checkout_is_not_packed_for_a_pod():
+  """tpu_pod.sh packs what git tracks or would track: outputs must be ignored by .gitignore."""
+  outputs = ["data/scenes_4m/train-00000.array_record", "workdir/aim_tiny/config.json",
+             "ckpt/aim_600m/config.json", "text.json", "plan.json", "scene.png",
+             "aim_600m.safetensors", "slurm-123.out"]
+  sources = ["configs/aim/pretrain.py", "pretrain_jax/data/records.py", "README.md"]
+  check = lambda p: subprocess.run(["git", "check-ignore", "-q", "--no-index", p], cwd=ROOT,
+                                   timeout=60).returncode
+  assert {p: check(p) for p in outputs} == {p: 0 for p in outputs}       # 0: ignored
+  assert {p: check(p) for p in sources} == {p: 1 for p in sources}
