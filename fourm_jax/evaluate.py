@@ -209,3 +209,97 @@ def evaluate(model, params, records: Sequence[dict], tokenizers: dict, targets: 
   out["_settings"] = {"records": len(records), "steps": steps, "temperature": temperature,
                       "ensemble": ensemble, "compilations": sampler.traces}
   return out
+
+
+# ---- command line ------------------------------------------------------------------------------
+_LABEL_FIELDS = ("image", "depth", "normals", "semantic", "boxes", "box_classes", "caption")
+
+
+def read_records(pattern: str, num: int) -> list[dict]:
+  """The first `num` records of labelled shards (fourm_jax.pseudo_label's output) as dicts of
+  the fields `evaluate` reads (those the shards have)."""
+  import os
+  from pretrain_jax.data import multimodal, schema as schema_lib
+  from pretrain_jax.data.sources import ArrayRecordSource
+  paths = ArrayRecordSource(pattern, key="--data").paths
+  have = schema_lib.read_schema(os.path.dirname(paths[0]))
+  fields = [f for f in _LABEL_FIELDS if f in have]
+  if "image" not in fields:
+    raise ValueError(f"{pattern}: the shards have no 'image' field to condition on")
+  ds = multimodal.dataset(pattern, fields=fields, key="--data")
+  return [ds[i] for i in range(min(num, len(ds)))]
+
+
+def format_table(result: dict) -> str:
+  """evaluate's result as an aligned text table, one row per target."""
+  rows = [("target", "metric", "model", "tokenizer bound", "trivial")]
+  for target, r in result.items():
+    if not target.startswith("_"):
+      rows.append((target, r["metric"], f"{r['model']:.3f}", f"{r['tokenizer_bound']:.3f}",
+                   f"{r['baseline']:.3f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv):
+  """Scores a trained 4M's generations from RGB against labelled shards."""
+  import json
+  import sys
+  from absl import flags, logging as absl_logging
+  from fourm_jax import generate, load as load_lib
+  from pretrain_jax.data.scenes import SEMANTIC_CLASSES
+  from tokenizers_jax import text
+  from tokenizers_jax.tokenize import Tokenizer
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)     # no checkpoint-library chatter
+  f = flags.FLAGS
+  if not f.workdir or not f.data or not f.targets:
+    print("error: --workdir, --data and --targets are required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    model, params, _ = load_lib.load(f.workdir)
+    names = [m.name for m in model.targets]
+    targets = [generate.resolve(t, names) for t in f.targets.split(",")]
+    tokenizers = {}
+    for d in filter(None, f.tokenizers.split(",")):
+      tok = Tokenizer(d)
+      tokenizers[tok.modality] = tok
+    text_tok = text.load(f.text_tokenizer) if f.text_tokenizer else None
+    kinds = {m.name: m.kind for m in model.targets}
+    if text_tok is None and any(kinds[t] == "seq" for t in targets):
+      raise ValueError("sequence targets need --text_tokenizer")
+    classes = SEMANTIC_CLASSES if f.class_names == "scenes" else tuple(
+        c.strip() for c in f.class_names.split(","))
+    records = read_records(f.data, f.num)
+    result = evaluate(model, params, records, tokenizers, targets, text_tok, classes,
+                      steps=f.steps, temperature=f.temperature, ensemble=f.ensemble,
+                      batch_size=min(f.batch_size, len(records)), seed=f.seed)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"{len(records)} records of {f.data}, {f.steps} steps, temperature {f.temperature}, "
+        f"ensemble {f.ensemble}")
+  print(format_table(result))
+  if f.out:
+    from etils import epath
+    epath.Path(f.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {f.out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from pretrain_jax import cli  # noqa: F401  (defines --workdir: the fourm_jax.train workdir)
+  flags.DEFINE_string("data", "", "Labelled shards (glob), e.g. fourm_jax.pseudo_label output.")
+  flags.DEFINE_string("targets", "", "Comma-separated targets: depth, normals, semantic, "
+                      "caption, det (short names resolve to the model's modalities).")
+  flags.DEFINE_string("tokenizers", "", "Comma-separated tokenizers_jax.train workdirs.")
+  flags.DEFINE_string("text_tokenizer", "", "The WordPiece file of the sequence modalities.")
+  flags.DEFINE_string("class_names", "scenes", "Box/caption classes: 'scenes' or a,b,c.")
+  flags.DEFINE_integer("num", 64, "Records to evaluate (the first N).")
+  flags.DEFINE_integer("steps", 8, "MaskGIT steps per image-like target.")
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
+  flags.DEFINE_integer("ensemble", 1, "Samples averaged per image (needs temperature > 0).")
+  flags.DEFINE_integer("batch_size", 16, "Images per generation batch.")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_string("out", "", "Optional JSON file of the results.")
+  app.run(main)

@@ -19,10 +19,12 @@ from tokenizers_jax import train as tok_train
 
 @pytest.fixture(scope="module")
 def token_shards(tmp_path_factory):
-  """scenes -> labelled shards -> tiny rgb/depth tokenizers + WordPiece -> token shards."""
+  """scenes -> labelled shards (with a random tiny AIM's global embedding) -> tiny rgb/depth
+  tokenizers, the global embedding's MLP dVAE and WordPiece -> token shards."""
   root = tmp_path_factory.mktemp("fourm")
   cfg = load_config("configs/fourm/pseudo_label.py", "scenes")
-  cfg.resolution, cfg.shards, cfg.labellers = 32, 2, ()
+  cfg.resolution, cfg.shards, cfg.labellers = 32, 2, ("aim_features",)
+  cfg.labeller_options.aim_features.image_size = 56
   pl.pseudo_label(cfg, "scenes:256", str(root / "labelled"))
   tcfg = load_config("configs/tokenizers/tokenize.py", "")
   for modality in ("rgb", "depth"):
@@ -30,6 +32,11 @@ def token_shards(tmp_path_factory):
     c.total_steps, c.checkpoint_every, c.eval_every = 60, 60, 0
     loop.train(c, str(root / f"tok_{modality}"), tok_train.build_task(c))
     tcfg.image_tokenizers[modality] = str(root / f"tok_{modality}")
+  c = load_config("configs/tokenizers/mlp_vae.py", "target=global,variant=tiny")
+  c.data.train = f"arrayrecord:{root}/labelled/*.array_record"
+  c.total_steps, c.checkpoint_every, c.eval_every = 60, 60, 0
+  loop.train(c, str(root / "tok_aim_global"), tok_train.build_task(c))
+  tcfg.vector_tokenizers.aim_global = str(root / "tok_aim_global")
   captions = [render_scene(0, i, 32)["caption"] for i in range(300)]
   wp = text.fit_wordpiece(captions, vocab_size=4500, extra_words=text.MARKER_WORDS + SEMANTIC_CLASSES)
   wp.save(str(root / "text.json"))

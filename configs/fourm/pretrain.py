@@ -4,8 +4,9 @@
       --config.data.datasets.scenes.train='data/scenes_4m_tokens/*.array_record'
 
 Variants:
-  tiny       scenes token shards (4 x 4 grids of the tiny tokenizers, 32 px RGB
-             pixels, captions); trains in a minute on CPU
+  tiny       scenes token shards (4 x 4 grids of the tiny rgb and depth tokenizers,
+             32 px RGB pixels, 16 tokens of the AIM global embedding, captions);
+             trains in about a minute on CPU
   4m7_B/L/XL 4M Table 5: the 7 modalities, 128 input / 128 target tokens, RGB->All
              and All->All (alpha 0.5), batch 8192, AdamW 0.9/0.95, wd 0.05,
              lr 1e-4 per 256 (XL 2e-5, clip 3.0), warmup 10B of 500B tokens,
@@ -146,7 +147,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.model.attention_impl = ""                  # '' or 'xla' | 'cudnn' (GPU flash attention) | 'auto'
   c.model.scan_layers = False                  # blocks as one lax.scan: compile time flat in depth
   if tiny:
-    mods = ("rgb@32", "tok_rgb@32", "tok_depth@32", "caption")
+    mods = ("rgb@32", "tok_rgb@32", "tok_depth@32", "tok_aim_global", "caption")
     c.model.inputs, c.model.targets = mods, mods[1:]
   elif family == "4m21":
     c.model.inputs = FOURM21
@@ -166,6 +167,9 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
                               "target": False}
     for name in ("tok_rgb@32", "tok_depth@32"):
       c.modalities[name] = {"kind": "image", "vocab_size": 256, "grid": (4, 4)}
+    # the global embedding of the aim_features labeller through the tiny MLP dVAE
+    # (configs/tokenizers/mlp_vae.py:target=global): what retrieval ranks by
+    c.modalities.tok_aim_global = {"kind": "global", "vocab_size": 256, "length": 16}
     c.modalities.caption = {"kind": "seq", "vocab_size": 4500, "length": 32}
 
   c.masking = ml_collections.ConfigDict()
@@ -190,7 +194,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   if tiny:
     c.data.datasets = ml_collections.ConfigDict({"scenes": dataset(fields={
         "rgb@32": "image", "tok_rgb@32": "tok_rgb", "tok_depth@32": "tok_depth",
-        "caption": "caption"})})
+        "tok_aim_global": "tok_aim_global", "caption": "caption"})})
   elif family == "4m21":
     c.data.datasets = ml_collections.ConfigDict({
         "cc12m": dataset(fields={n: FIELDS[n] for n in FOURM21}, weight=0.6, repeats=repeats),

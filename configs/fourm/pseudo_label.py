@@ -13,7 +13,7 @@ append them, then semantic_metadata / geometric_metadata / sam_edges after them)
 import ml_collections
 
 SCENES_LABELLERS = ("canny_edges", "sam_edges", "color_palette", "image_metadata",
-                    "semantic_metadata", "geometric_metadata", "caption_length")
+                    "semantic_metadata", "geometric_metadata", "caption_length", "aim_features")
 IMAGE_LABELLERS = ("canny_edges", "color_palette", "image_metadata", "aim_features")
 
 
