@@ -1,5 +1,9 @@
 """Out-of-the-box evaluation of 4M on labelled scenes (4M Sec. 3; 4M-21 App. C.2).
 
+  python -m fourm_jax.evaluate --workdir=workdir/4m_tiny \\
+      --data='data/scenes_4m_val/*.array_record' --targets=depth,caption \\
+      --tokenizers=workdir/tok_depth --text_tokenizer=text.json
+
 RGB in, each target generated (MaskGIT, or left to right for sequences),
 detokenized and compared with the exact labels of the scenes validation
 shards (fourm_jax.pseudo_label's output, whose labels are exact for scenes):
@@ -288,7 +292,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  from pretrain_jax import cli  # noqa: F401  (defines --workdir: the fourm_jax.train workdir)
+  from pretrain_jax import cli  # defines --workdir: the fourm_jax.train workdir
+  cli.show_in_help("workdir")
   flags.DEFINE_string("data", "", "Labelled shards (glob), e.g. fourm_jax.pseudo_label output.")
   flags.DEFINE_string("targets", "", "Comma-separated targets: depth, normals, semantic, "
                       "caption, det (short names resolve to the model's modalities).")
@@ -302,4 +307,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 16, "Images per generation batch.")
   flags.DEFINE_integer("seed", 0, "Random seed.")
   flags.DEFINE_string("out", "", "Optional JSON file of the results.")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

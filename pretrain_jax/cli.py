@@ -111,17 +111,24 @@ _HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 def parse_flags(argv):
   """absl's parser (app.run's flags_parser), with a few fixes for a command line.
 
-  `--help` and `-h` print the usage and exit 0 (absl exits 1); an override of
-  a key the config lacks is one clear line.
+  `--help` and `-h` print the usage and exit 0 (absl exits 1), also into a
+  closed pipe (`--help | head`); an override of a key the config lacks is one
+  clear line.
   """
   end = argv.index("--") if "--" in argv else len(argv)
   argv = [a if a != "-h" or i >= end else "--help" for i, a in enumerate(argv)]
+  asks_help = any(a.split("=", 1)[0] in _HELP for a in argv[1:end])
   try:
     return FLAGS(argv)
   except SystemExit as e:   # absl's help flags print the usage, then exit 1
-    if e.code == 1 and any(a.split("=", 1)[0] in _HELP for a in argv[1:end]):
+    if e.code == 1 and asks_help:
       sys.exit(0)
     raise
+  except BrokenPipeError:
+    if not asks_help:
+      raise
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit
+    sys.exit(0)
   except flags.Error as e:   # e.g. --config.model.width=banana
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
