@@ -108,6 +108,7 @@ def _unreadable_token_shard(directory, n: int) -> str:
       "image": schema_lib.FieldSpec("image"),
       "tok_rgb": schema_lib.FieldSpec("array", "int32", (4, 4)),
       "tok_depth": schema_lib.FieldSpec("array", "int32", (4, 4)),
+      "tok_aim_global": schema_lib.FieldSpec("array", "int32", (16,)),
       "caption": schema_lib.FieldSpec("array", "int32", (None,))})
   writer = arm.ArrayRecordWriter(str(directory / "shard.array_record"), "group_size:1")
   for _ in range(n):
