@@ -387,6 +387,11 @@ def _train(config, workdir, task, devices, preemption) -> dict[str, float]:
   eval_batches = None   # built now: a missing or too small eval set stops the run here
   if task.eval_data is not None and config.get("eval_every", 0):
     eval_batches = task.eval_data(rows)
+  elif task.eval_data is None:
+    logging.info("No validation: the config names no eval data (data.eval, or "
+                 "data.datasets.NAME.eval for 4M)")
+  else:
+    logging.info("No validation: eval_every is 0")
   if ckpt.latest_step() is not None:
     state = ckpt.restore(target, data_iter)
     logging.info("Resuming from step %d", int(state.step))

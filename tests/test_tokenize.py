@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")
   cfg = load_config("configs/fourm/pseudo_label.py", "scenes")
   cfg.resolution, cfg.shards = 32, 3
-  cfg.labellers = tuple(cfg.labellers) + ("aim_features",)
+  assert "aim_features" in cfg.labellers   # the scenes labellers include the AIM features
   cfg.labeller_options.aim_features.image_size = 56          # the tiny AIM's size
   pl.pseudo_label(cfg, "scenes:9", str(root / "labelled"))
   tcfg = load_config("configs/tokenizers/vqvae.py", "modality=depth,variant=tiny")
@@ -119,6 +119,18 @@ def test_a_tokenizer_for_another_modality_is_refused(setup):
   c.image_tokenizers.normals = str(setup / "tok_depth")
   with pytest.raises(ValueError, match="image_tokenizers.normals points at a 'depth' tokenizer"):
     tok_lib.tokenize(c, f"{setup}/labelled/*.array_record", str(setup / "x"))
+
+
+def test_shards_at_another_resolution_than_the_tokenizer_are_refused_naming_the_fix(
+    setup, tmp_path):
+  cfg = load_config("configs/fourm/pseudo_label.py", "scenes")
+  cfg.resolution, cfg.labellers = 48, ()
+  pl.pseudo_label(cfg, "scenes:2", str(tmp_path / "labelled48"))
+  c = _config(setup)
+  c.sam_instance_tokenizer, c.vector_tokenizers.aim_global = "", ""
+  with pytest.raises(ValueError, match=r"'depth' field .* is 48x48 px, but the depth tokenizer "
+                     r".* was trained at 32 px: pseudo-label with --config.resolution=32"):
+    tok_lib.tokenize(c, f"{tmp_path}/labelled48/*.array_record", str(tmp_path / "x"))
 
 
 def test_text_and_tokenize_clis_write_a_vocabulary_and_token_shards(setup, tmp_path):

@@ -162,6 +162,14 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     if f not in in_schema:
       raise ValueError(f"the input shards have no {m!r} field to tokenise (fields: "
                        f"{sorted(in_schema)})")
+    size = image_toks[m].config.data.get("resolution", 0)
+    shape = tuple(in_schema[f].shape or ())
+    if (image_toks[m].kind != "mlp_vae" and m != "features" and size and len(shape) >= 2
+        and shape[:2] != (size, size)):
+      raise ValueError(
+          f"the {f!r} field of {pattern} is {shape[0]}x{shape[1]} px, but the {m} tokenizer "
+          f"{config.image_tokenizers[m]} was trained at {size} px: pseudo-label with "
+          f"--config.resolution={size} (or train the tokenizer at {shape[0]} px)")
   tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
   sam_tok = None
   if config.sam_instance_tokenizer:

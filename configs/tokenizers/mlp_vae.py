@@ -2,9 +2,8 @@
 
   python -m tokenizers_jax.train --config=configs/tokenizers/mlp_vae.py:target=pose,variant=tiny \
       --workdir=workdir/tok_pose
-  python -m tokenizers_jax.train --config=configs/tokenizers/mlp_vae.py:target=global \
-      --config.data.train='arrayrecord:data/scenes_4m/train-*.array_record' \
-      --config.data.eval='arrayrecord:data/scenes_4m/val-*.array_record' --workdir=...
+  python -m tokenizers_jax.train --config=configs/tokenizers/mlp_vae.py:target=global,variant=tiny \
+      --config.data.train='arrayrecord:data/scenes_4m/*.array_record' --workdir=workdir/tok_aim_global
 
 target 'global': a global embedding field (default `aim_global`, written by the
 aim_features labeller) -> 16 tokens of vocab 8192, cosine loss; 'pose': SMPL
