@@ -202,8 +202,10 @@ def _aim_features(resolution, init_from: str = "tiny", layer: int = -1, image_si
   import aimjax
   size = image_size or None
   model, params, preprocess = aimjax.load(init_from, image_size=size or 224)
-  if size and model.image_size != size:
+  if size and model.image_size != size:   # fixed sin-cos positions: any grid works
     model = model.clone(image_size=size)
+    from aimjax.inference import preprocessing
+    preprocess = preprocessing(size)
   k, d = model.num_patches, model.width
   spec = {"aim_features": FieldSpec("array", "float16", (k, d)),
           "aim_global": FieldSpec("array", "float16", (d,))}

@@ -93,3 +93,19 @@ def test_a_converted_checkpoint_is_written_and_loaded_quietly_through_relative_p
     np.testing.assert_array_equal(np.asarray(value), np.asarray(trained[key]))
   checkpoint.warm_start(params, "converted")
   assert _warnings(capfd, caplog) == []
+
+
+def test_aim_features_labeller_reads_a_relative_workdir_at_its_size_or_another(
+    workdirs, monkeypatch):
+  """The README's pseudo-labelling passes the quickstart's workdir/aim_tiny (trained at 56 px)
+  as the feature labeller: by default the features come at the checkpoint's size; an
+  image_size re-grids the model (fixed sin-cos positions) and preprocesses to that size."""
+  from fourm_jax import labellers
+  monkeypatch.chdir(workdirs)
+  images = {"image": [np.zeros((32, 32, 3), np.uint8)] * 2}
+  lab = labellers.create("aim_features", 32, init_from="aim")
+  assert lab.outputs["aim_features"].shape == (16, 64)          # 56 px: a 4 x 4 grid
+  assert lab(images)["aim_features"][0].shape == (16, 64)
+  lab = labellers.create("aim_features", 32, init_from="aim", image_size=112)
+  assert lab.outputs["aim_features"].shape == (64, 64)          # 112 px: 8 x 8
+  assert lab(images)["aim_features"][0].shape == (64, 64)
