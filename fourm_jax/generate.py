@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from fourm_jax import sampler as sampler_lib, schedules
+from fourm_jax import figure, sampler as sampler_lib, schedules
 from pretrain_jax.data import transforms
 
 # the tokenizers_jax modality that detokenizes each kind of 4M token modality
@@ -71,13 +71,6 @@ def visualize(kind: str, values: np.ndarray) -> np.ndarray:
     return (colormaps["viridis"]((d - lo) / np.maximum(hi - lo, 1e-6))[..., :3] * 255).astype(
         np.uint8)
   raise ValueError(f"cannot draw a {kind!r} modality")
-
-
-def grid(rows: list[list[np.ndarray]], size: int) -> np.ndarray:
-  """Rows of uint8 images -> one uint8 image, each resized to size x size."""
-  from PIL import Image
-  tile = lambda im: np.asarray(Image.fromarray(im).resize((size, size), Image.NEAREST))
-  return np.concatenate([np.concatenate([tile(im) for im in row], 1) for row in rows], 0)
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -128,6 +121,28 @@ def build_conditions(conditions, model, n: int, tokenizers: dict, text_tok):
   return given, drawn
 
 
+def condition_columns(conditions, model, drawn: dict, n: int) -> list:
+  """The figure's condition columns, in the order given: [(modality, (title, kind, data))]
+  for fourm_jax.figure, an image condition as drawn, any other (a caption, a .npy of
+  tokens) as its given text.
+
+  Args:
+    conditions: ['MODALITY:VALUE', ...], as build_conditions took them.
+    model: the 4M model, for its input modalities' names.
+    drawn: {modality: uint8 [H, W, 3]}, build_conditions' images.
+    n: the number of samples (rows).
+  """
+  names = [m.name for m in model.inputs]
+  pixels = next((m.name for m in model.inputs if m.kind == "pixels"), None)
+  values = {}   # a modality given twice keeps its first place and its last value
+  for cond in conditions:
+    key, _, value = cond.partition(":")
+    values[pixels if pixels and key in ("rgb", "image") else resolve(key, names)] = value
+  return [(name, (f"condition: {name}", "image", np.repeat(drawn[name][None], n, 0))
+           if name in drawn else (f"condition: {name}", "text", [value] * n))
+          for name, value in values.items()]
+
+
 def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tokenizer="",
         num_samples: int = 4, steps: int = 8, scheme: str = "maskgit",
         temperature: float = 1.0, guidance: float = 1.0, top_k: int = 0, top_p: float = 0.0,
@@ -172,19 +187,23 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
       kind = tokenizer_kind(name)
       values = tokenizers[kind].detokenize(t.reshape(num_samples, *m.grid), seed=seed)
       images[name] = visualize(kind, values)
-  cols = [np.repeat(im[None], num_samples, 0) for im in drawn.values()] + list(images.values())
-  if cols:
-    size = max(im.shape[1] for im in cols)
-    from PIL import Image
-    png = io.BytesIO()
-    Image.fromarray(grid([[c[i] for c in cols] for i in range(num_samples)], size)).save(
-        png, format="png")
-    (out_dir / "generations.png").write_bytes(png.getvalue())
+  columns = condition_columns(conditions, model, drawn, num_samples)
+  for name in target_names:
+    if name in images:
+      columns.append((name, (f"-> {name}", "image", images[name])))
+    else:   # token ids when there is no text tokenizer to decode them
+      texts = [s if isinstance(s, str) else " ".join(map(str, s)) for s in sequences[name]]
+      columns.append((name, (f"-> {name}", "text", texts)))
+  from PIL import Image
+  png = io.BytesIO()
+  Image.fromarray(figure.draw([column for _, column in columns])).save(png, format="png")
+  (out_dir / "generations.png").write_bytes(png.getvalue())
   npz = io.BytesIO()
   np.savez(npz, **{k.replace("@", "_at_"): v for k, v in tokens.items()})
   (out_dir / "tokens.npz").write_bytes(npz.getvalue())
   result = {"workdir": workdir, "conditions": list(conditions), "targets": target_names,
-            "columns": list(drawn) + list(images), "sequences": sequences,
+            "columns": [name for name, _ in columns],
+            "titles": [title for _, (title, _, _) in columns], "sequences": sequences,
             "settings": {"num_samples": num_samples, "steps": steps, "scheme": scheme,
                          "temperature": temperature, "guidance": guidance, "top_k": top_k,
                          "top_p": top_p, "seed": seed},

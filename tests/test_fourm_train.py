@@ -198,7 +198,7 @@ def _val_scenes(n, seed=11):
 
 def test_generate_cli_writes_images_and_captions(trained, token_shards, tmp_path):
   from PIL import Image
-  from fourm_jax import generate
+  from fourm_jax import figure, generate
   workdir, _ = trained
   root = token_shards.parent
   Image.fromarray(render_scene(11, 0, 32)["rgb"]).save(tmp_path / "scene.png")
@@ -206,9 +206,12 @@ def test_generate_cli_writes_images_and_captions(trained, token_shards, tmp_path
                         str(tmp_path / "out"), [str(root / "tok_rgb"), str(root / "tok_depth")],
                         str(root / "text.json"), num_samples=2, steps=4, temperature=0.5)
   assert result["targets"] == ["tok_depth@32", "caption", "tok_rgb@32"]
-  assert result["columns"] == ["rgb@32", "tok_depth@32", "tok_rgb@32"]
+  assert result["columns"] == ["rgb@32", "tok_depth@32", "caption", "tok_rgb@32"]
+  assert result["titles"] == ["condition: rgb@32", "-> tok_depth@32", "-> caption",
+                              "-> tok_rgb@32"]
   png = np.asarray(Image.open(tmp_path / "out" / "generations.png"))
-  assert png.shape == (2 * 32, 3 * 32, 3)
+  kinds = [(None, k, None) for k in ("image", "image", "text", "image")]
+  assert png.shape == figure.figure_size(kinds, 2, 128) + (3,)   # 32 px tiles drawn at 128
   captions = result["sequences"]["caption"]
   assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
   toks = np.load(tmp_path / "out" / "tokens.npz")
