@@ -11,9 +11,11 @@ RGB tokenizer) or for any image-like modality with a tokenizer, or a .npy of
 tokens. Targets are decoded in the order given (chained: each finished one
 conditions the next), image-like ones with MaskGIT (or --scheme=roar),
 sequences left to right. Short names resolve to the model's modalities
-(`depth` -> `tok_depth@224`). Writes generations.png (one row per sample:
-the image conditions, then the targets, detokenized), generations.json (the
-sequences as text, the settings) and tokens.npz.
+(`depth` -> `tok_depth@224`). Writes generations.png (fourm_jax.figure: a
+header naming each column, one row per sample, the conditions then the targets,
+images enlarged to at least 128 px, sequences and text conditions as wrapped
+text), generations.json (the columns, the sequences as text, the settings) and
+tokens.npz.
 """
 from __future__ import annotations
 
