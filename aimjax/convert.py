@@ -21,6 +21,9 @@ import numpy as np
 from pretrain_jax import scan
 
 Params = dict[str, Any]
+# The released variants: width, depth, heads (paper Table 1); 'tiny' is ours, for tests.
+VARIANTS = {"tiny": (64, 2, 2), "0.6B": (1536, 24, 12), "1B": (2048, 24, 16),
+            "3B": (3072, 24, 24), "7B": (4096, 32, 32)}
 _BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
 
 
@@ -195,7 +198,6 @@ def main(argv):
   width = sd["preprocessor.patchifier.proj.weight"].shape[0] if (
       "preprocessor.patchifier.proj.weight" in sd) else None
   if f.variant:
-    from aimjax.inference import VARIANTS
     if f.variant not in VARIANTS:
       raise SystemExit(f"error: unknown --variant {f.variant!r}; choose from {list(VARIANTS)}")
     width, depth, heads = VARIANTS[f.variant]

@@ -1,41 +1,28 @@
-"""Loading AIM for inference and extracting features, from any checkpoint kind.
+"""Loading AIM for inference, from any checkpoint kind.
 
   model, params, preprocess = aimjax.load("workdir/aim_tiny")      # a training workdir
   model, params, preprocess = aimjax.load("aim_600m.safetensors")   # official weights
   feats = aimjax.extract_features(model, params, preprocess(images), layers=(-1, 6))
+
+Features come from aimjax.backbone (AIM's trunk as a pretrain_jax backbone).
 """
 from __future__ import annotations
 
-import functools
 import json
-from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 
 from aimjax import convert
 from aimjax import model as model_lib
-from pretrain_jax import checkpoint, export, partitioning, paths, scan
-from pretrain_jax.data import transforms
+from pretrain_jax import backbones, checkpoint, export, paths, scan
 
-# Official variants: width, depth, heads (paper Table 1).
-VARIANTS = {"tiny": (64, 2, 2), "0.6B": (1536, 24, 12), "1B": (2048, 24, 16),
-            "3B": (3072, 24, 24), "7B": (4096, 32, 32)}
-
-
-def preprocessing(image_size: int) -> Callable[[np.ndarray], np.ndarray]:
-  """uint8 [B, H, W, 3] (or one [H, W, 3]) -> float32 [B, S, S, 3]: the official
-  evaluation transform (shorter side to S/0.875, centre crop, ImageNet mean/std)."""
-  def preprocess(images):
-    images = np.asarray(images)
-    if images.ndim == 3:
-      images = images[None]
-    return np.stack([transforms.normalize(transforms.resize_center_crop(im, image_size))
-                     for im in images])
-  return preprocess
+VARIANTS = convert.VARIANTS   # official variants: width, depth, heads (paper Table 1)
+# uint8 [B, H, W, 3] -> float32 [B, S, S, 3]: the official evaluation transform
+# (shorter side to S/0.875, centre crop, ImageNet mean/std).
+preprocessing = backbones.preprocessing
 
 
 def _model_from_config(model_cfg: dict) -> model_lib.AIM:
@@ -91,41 +78,3 @@ def load(path_or_variant: str, image_size: int = 224, num_heads: int | None = No
   model = model_lib.AIM(image_size=image_size, width=width, depth=depth, num_heads=heads,
                         head="none")
   return model, params, preprocessing(image_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _features_fn(model: model_lib.AIM, layers: tuple[int, ...]):
-  def features(params, images):
-    blocks = model.apply({"params": params}, images, method=model.features)
-    return tuple(blocks[i] for i in layers)
-  return jax.jit(features)
-
-
-def extract_features(model: model_lib.AIM, params, images, layers: Sequence[int] = (-1,),
-                     chunk: int = 32, mesh: jax.sharding.Mesh | None = None):
-  """Block outputs (bidirectional attention) for `images`: float [N, S, S, 3].
-
-  Returns a list (one per entry of `layers`, negative counts from the last
-  block) of float32 [N, K, D] numpy arrays. Images are processed in chunks
-  of exactly `chunk` (the last one padded), so an image's features do not
-  depend on how many images are passed; with `mesh`, each chunk is sharded
-  over its ('data', 'fsdp') axes (chunk must divide evenly).
-  """
-  layers = tuple(int(l) % model.depth for l in layers)
-  fn = _features_fn(model, layers)
-  images = np.asarray(images, np.float32)
-  n = images.shape[0]
-  outs = [[] for _ in layers]
-  for start in range(0, n, chunk):
-    part = images[start:start + chunk]
-    pad = chunk - part.shape[0]
-    if pad:
-      part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
-    if mesh is not None:
-      with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
-        feats = fn(params, partitioning.shard_batch({"x": part}, mesh)["x"])
-    else:
-      feats = fn(params, part)
-    for o, f in zip(outs, feats):
-      o.append(np.asarray(jax.device_get(f))[:chunk - pad])
-  return [np.concatenate(o) for o in outs]

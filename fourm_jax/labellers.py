@@ -19,8 +19,9 @@ Batches are dicts field -> list of per-sample values (uint8 [R, R, 3] images,
 arrays, str, dicts); a labeller returns field -> per-sample values (a list or
 an array with a leading batch axis). Built in: canny_edges, sam_edges,
 color_palette, image_metadata, semantic_metadata, geometric_metadata,
-caption_length (computed, exact), and aim_features (the project's AIM trunk
-as a feature-map and global-embedding model).
+caption_length (computed, exact), and backbone_features (any backbone registered
+in pretrain_jax.backbones as a feature-map and global-embedding model), with
+aim_features its AIM instance.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fourm_jax import edges, metadata, palette
+from fourm_jax import metadata, palette
+from pretrain_jax.data import edges
 from pretrain_jax.data.schema import FieldSpec
 
 Batch = dict[str, Sequence[Any]]
@@ -192,26 +194,47 @@ def _caption_length(resolution):
 
 # ------------------------------------------------------------------ model labellers
 
+def _features_labeller(name: str, backbone: str, init_from: str, layer: int, image_size: int,
+                       chunk: int, prefix: str) -> Labeller:
+  """The patch features of block `layer` of a registered backbone (float16 [K, D] in
+  `{prefix}_features`) and their mean as the global embedding (float16 [D] in
+  `{prefix}_global`); images go through the evaluation transform at `image_size` (0: the
+  checkpoint's own)."""
+  from pretrain_jax import backbones   # JAX, only for model labellers
+  if not backbone:
+    raise ValueError(f"labeller {name!r} needs the option 'backbone', one of "
+                     f"{backbones.names()}")
+  if not init_from:
+    raise ValueError(f"labeller {name!r} needs the option 'init_from' (a workdir, checkpoint "
+                     "or variant of the backbone)")
+  model, params = backbones.load(backbone, init_from, image_size=image_size)
+  preprocess = backbones.preprocessing(model.image_size)
+  k, d = model.num_patches, model.width
+  spec = {f"{prefix}_features": FieldSpec("array", "float16", (k, d)),
+          f"{prefix}_global": FieldSpec("array", "float16", (d,))}
+  def call(batch):
+    images = preprocess(np.stack(batch["image"]))
+    (feats,) = backbones.extract_features(model, params, images, layers=(layer,), chunk=chunk)
+    return {f"{prefix}_features": feats.astype(np.float16),
+            f"{prefix}_global": feats.mean(axis=1).astype(np.float16)}
+  return Labeller(name, ("image",), spec, call)
+
+
+@register("backbone_features")
+def _backbone_features(resolution, backbone: str = "", init_from: str = "", layer: int = -1,
+                       image_size: int = 0, chunk: int = 32, prefix: str = ""):
+  """Any registered backbone (pretrain_jax.backbones: aim, fourm, ...) as a feature-map and
+  global-embedding model; fields `{prefix}_features`, `{prefix}_global` (prefix: the
+  backbone's name unless given)."""
+  return _features_labeller("backbone_features", backbone, init_from, layer, image_size, chunk,
+                            prefix or backbone)
+
+
 @register("aim_features")
 def _aim_features(resolution, init_from: str = "tiny", layer: int = -1, image_size: int = 0,
                   chunk: int = 32):
-  """AIM trunk features standing in for CLIP/DINOv2/ImageBind: the patch
-  features of block `layer` (float16 [K, D]) and their mean as the global
-  embedding (float16 [D]). Images are resized to `image_size` (default: the
+  """The AIM trunk (backbone 'aim') standing in for CLIP/DINOv2/ImageBind: fields
+  aim_features (float16 [K, D]) and aim_global (float16 [D]). init_from: an AIM workdir,
+  checkpoint or variant name; images are resized to `image_size` (default: the
   checkpoint's training size, 224 for a variant)."""
-  import aimjax
-  size = image_size or None
-  model, params, preprocess = aimjax.load(init_from, image_size=size or 224)
-  if size and model.image_size != size:   # fixed sin-cos positions: any grid works
-    model = model.clone(image_size=size)
-    from aimjax.inference import preprocessing
-    preprocess = preprocessing(size)
-  k, d = model.num_patches, model.width
-  spec = {"aim_features": FieldSpec("array", "float16", (k, d)),
-          "aim_global": FieldSpec("array", "float16", (d,))}
-  def call(batch):
-    images = preprocess(np.stack(batch["image"]))
-    (feats,) = aimjax.extract_features(model, params, images, layers=(layer,), chunk=chunk)
-    return {"aim_features": feats.astype(np.float16),
-            "aim_global": feats.mean(axis=1).astype(np.float16)}
-  return Labeller("aim_features", ("image",), spec, call)
+  return _features_labeller("aim_features", "aim", init_from, layer, image_size, chunk, "aim")

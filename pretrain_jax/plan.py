@@ -57,6 +57,8 @@ import time
 
 from absl import flags
 
+from pretrain_jax import registry
+
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices (chips) to plan for, as fake "
                                 "CPU devices; ignored with --topology.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU topology (v4:2x2x4, v5e:4x4, v5p:4x4x8, "
@@ -73,8 +75,9 @@ _MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor of the planned mesh (-
                             "default: the config's mesh.")
 _SEARCH = flags.DEFINE_bool("search", True, "Also find the smallest mesh that fits.")
 _MAX_TENSOR = flags.DEFINE_integer("max_tensor", 8, "Largest tensor-parallel degree tried.")
-_TASK = flags.DEFINE_string("task", "", "aim | fourm | a module with build_task(config); "
-                            "default: from the config's directory (configs/aim, configs/fourm).")
+_TASK = flags.DEFINE_string("task", "", "A registered task (entry point group pretrain_jax.tasks: "
+                            "aim, fourm, ...) or a module with build_task(config); default: the "
+                            "config's directory (configs/<task>/).")
 _JSON = flags.DEFINE_string("json", "", "Write the plan here as JSON.")
 _MEASURE = flags.DEFINE_integer("measure", 0, "Also run this many real steps on the planned "
                                 "mesh and report the memory used (tiny configs).")
@@ -92,7 +95,6 @@ DEVICE_KINDS = {
 # memory saving (remat 'block' planned as much memory as 'none'); its memory-minimising
 # scheduler is closer to what the TPU/GPU schedulers do.
 CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
-TASKS = {"aim": "aimjax.train", "fourm": "fourm_jax.train"}
 
 
 TPU_KINDS = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e"}
@@ -133,14 +135,19 @@ def device_kind(name: str) -> tuple[float, float]:
 
 
 def task_module(config_path: str, task: str = ""):
-  """The training module (with build_task) for a config file."""
+  """The training module (with build_task(config)) of a config file: the task registered
+  (pretrain_jax.registry, group pretrain_jax.tasks) under `task`, or under the name of the
+  config's directory (configs/<task>/...); `task` may also be a module path."""
+  known = registry.names(registry.TASKS)
   if not task:
     parent = os.path.basename(os.path.dirname(os.path.abspath(config_path.split(":")[0])))
-    if parent not in TASKS:
+    if parent not in known:
       raise ValueError(f"cannot tell the task of {config_path!r} from its directory; pass "
-                       f"--task ({' | '.join(TASKS)} | a module)")
+                       f"--task ({' | '.join(known)} | a module with build_task)")
     task = parent
-  return importlib.import_module(TASKS.get(task, task))
+  if task in known or "." not in task:
+    return registry.load(registry.TASKS, task, "--task")
+  return importlib.import_module(task)
 
 
 @dataclasses.dataclass

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aimjax import convert, heads
+from aimjax import convert
 from aimjax import model as model_lib
 from conftest import SHARED
+from pretrain_jax import heads
 
 FIXTURE = SHARED / "fixtures" / "aim_v1_small.safetensors"
 pytestmark = pytest.mark.skipif(not FIXTURE.exists(),

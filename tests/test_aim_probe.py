@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aimjax import backbone as aim_backbone
 from aimjax import model as model_lib
 from aimjax import probe as probe_lib
 from conftest import ROOT, load_config, subprocess_env
 from pretrain_jax import optim
+from pretrain_jax import probe as core_probe
 
 
 def _lora_model(rank=4):
@@ -52,12 +54,12 @@ def test_only_lora_and_probe_parameters_get_gradients_and_optimizer_state():
   cfg = load_config("configs/aim/probe.py", "variant=tiny")
   cfg.lora.rank = 2
   base = model_lib.AIM(image_size=56, width=64, depth=2, num_heads=2, head="none")
-  probe, trunk, layers = probe_lib.build(cfg, base)
+  probe, trunk, layers = core_probe.build(cfg, aim_backbone.Backbone(base))
   x = jax.random.normal(jax.random.key(1), (4, 56, 56, 3))
-  v = jax.jit(trunk.init)(jax.random.key(0), x, jnp.ones((4,), jnp.int32))
-  params, lora = nn.unbox(v["params"]), nn.unbox(v["lora"])
-  feats = trunk.apply({"params": params, "lora": lora}, x, method=trunk.features)
-  pv = nn.unbox(probe.init(jax.random.key(2), [feats[l] for l in layers]))
+  params = nn.unbox(jax.jit(base.init)(jax.random.key(0), x, jnp.ones((4,), jnp.int32))["params"])
+  lora = trunk.init_adapters(jax.random.key(0))
+  feats = trunk.features(params, x, layers, adapters=lora)
+  pv = nn.unbox(probe.init(jax.random.key(2), feats))
   trainable = {"probe": pv["params"], "lora": lora}
   tx, _ = optim.create_optimizer(cfg.optimizer, 100, trainable)
   opt_state = tx.init(trainable)
@@ -67,9 +69,9 @@ def test_only_lora_and_probe_parameters_get_gradients_and_optimizer_state():
   assert size(trainable) < size(params) / 4
 
   def loss(tr):
-    f = trunk.apply({"params": params, "lora": tr["lora"]}, x, method=trunk.features)
+    f = trunk.features(params, x, layers, adapters=tr["lora"])
     logits, _ = probe.apply({"params": tr["probe"], "batch_stats": pv["batch_stats"]},
-                            [f[l] for l in layers], train=True, mutable=["batch_stats"])
+                            f, train=True, mutable=["batch_stats"])
     return jnp.mean(logits ** 2)
   grads = jax.grad(loss)(trainable)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["probe"]))

@@ -1,6 +1,6 @@
-"""Classifier heads on frozen AIM features: the attentive probe and a linear probe.
+"""Classifier heads on frozen backbone features: the attentive probe and a linear probe.
 
-The attentive probe follows the paper's Eq. 4 and the official
+The attentive probe follows AIM's Eq. 4 and the official
 `AttentionPoolingClassifier` (`../shared/reference/aim.md`): BatchNorm without
 affine parameters over the feature dimension, one learned query per head
 (H = d / d_head heads, stored as one [1, Q, d] token), bias-free key and value
