@@ -10,6 +10,8 @@ import re
 import cv2
 import numpy as np
 
+from pretrain_jax.data import colors
+
 IMAGE_KEYS = ("original_height", "original_width", "brightness", "contrast", "saturation",
               "entropy", "colorfulness")
 SEMANTIC_KEYS = ("crowdedness", "sam_clutter", "coco_clutter", "instance_diversity",
@@ -35,7 +37,7 @@ def image_metadata(rgb: np.ndarray, original_size: tuple[int, int]) -> dict[str,
   hist = np.bincount(np.clip(np.rint(gray), 0, 255).astype(np.int64).ravel(), minlength=256)
   p = hist[hist > 0] / gray.size
   entropy = float(-(p * np.log2(p)).sum()) + 0.0   # + 0.0 turns -0.0 into 0.0
-  hsv = cv2.cvtColor(np.ascontiguousarray(rgb, np.uint8), cv2.COLOR_RGB2HSV)
+  hsv = colors.rgb_to_hsv(rgb)
   r, g, b = (np.asarray(rgb[..., i], np.float64) for i in range(3))
   rg, yb = r - g, 0.5 * (r + g) - b
   colorfulness = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())

@@ -1,8 +1,9 @@
 """Colour palettes of 1..7 colours by k-means (4M-21 App. D.1), deterministic per seed."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from pretrain_jax.data import colors
 
 MAX_COLORS = 7
 
@@ -12,8 +13,7 @@ def _features(pixels: np.ndarray, space: str) -> np.ndarray:
   if space == "rgb":
     return pixels.astype(np.float64)
   if space == "lab":
-    lab = cv2.cvtColor(pixels.reshape(-1, 1, 3).astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
-    return lab.reshape(-1, 3).astype(np.float64)
+    return colors.rgb_to_lab(pixels).reshape(-1, 3).astype(np.float64)
   raise ValueError(f"palette colour space must be 'lab' or 'rgb', got {space!r}")
 
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from fourm_jax import edges, labellers, metadata, palette
+from fourm_jax import labellers, metadata, palette
+from pretrain_jax.data import edges
 from pretrain_jax.data.schema import FieldSpec
 
 

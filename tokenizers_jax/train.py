@@ -80,7 +80,7 @@ class _Scenes:
     from pretrain_jax.data import scenes
     s = scenes.render_scene(self.seed, int(index), self.resolution)
     if self.modality == "edges":
-      from fourm_jax import edges
+      from pretrain_jax.data import edges
       return {"x": prepare("edges", edges.canny_edges(s["rgb"]))}
     if self.modality == "sam_mask":
       return {"x": prepare("sam_mask", instance_mask_crop(s["instance"], s["boxes"],

@@ -1,14 +1,16 @@
-"""Edge maps: Canny edges of the image and SAM-style edges of an instance map (4M-21 App. D.1)."""
+"""Edge maps: Canny edges of an image and SAM-style edges of an instance map (4M-21 App. D.1),
+used by the projects' labellers and tokenizer data."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+from pretrain_jax.data import colors
+
 
 def canny_edges(rgb: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
   """rgb uint8 [H, W, 3] -> uint8 [H, W], 255 on edges, 0 elsewhere (OpenCV Canny on luma)."""
-  gray = cv2.cvtColor(np.ascontiguousarray(rgb, np.uint8), cv2.COLOR_RGB2GRAY)
-  return cv2.Canny(gray, low, high, L2gradient=True)
+  return cv2.Canny(colors.rgb_to_gray(rgb), low, high, L2gradient=True)
 
 
 def instance_edges(instance: np.ndarray) -> np.ndarray:
