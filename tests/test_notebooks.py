@@ -54,7 +54,8 @@ def test_aim_probe_notebook_trains_a_tiny_aim_then_probes_it(tmp_path, monkeypat
   features shown and probed."""
   workdir = tmp_path / "aim_tiny"
   outputs, printed = _execute("aim_probe.ipynb", monkeypatch, AIM_WORKDIR=workdir,
-                              AIM_TRAIN_STEPS=20, AIM_PROBE_EPOCHS=1)
+                              AIM_TRAIN_STEPS=20, AIM_PROBE_EPOCHS=1,
+                              AIM_PROBE_SCENES=256)
   assert "training a tiny AIM for 20 steps" in printed, printed
   assert (workdir / "checkpoints" / "20").is_dir()
   assert "AIM width 64, depth 2; features (8, 16, 64)" in printed, printed
