@@ -2,14 +2,14 @@
 for several blocks at once, optionally with LoRA adapters on the trunk, for any backbone
 registered in pretrain_jax.backbones (`--config.backbone=aim|fourm|<registered>`).
 
-  python -m pretrain_jax.probe --config=configs/aim/probe.py:variant=tiny \\
-      --config.backbone=aim --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
+  python -m aimjax.probe --config=configs/aim/probe.py:variant=tiny \\
+      --config.backbone=fourm --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
 
-(`python -m aimjax.probe` is the same.) One backbone forward per batch (with the
-backbone's own attention; `causal` asks a backbone that has the option for causal
-features) feeds one probe per requested block; the probes (and adapters, for a
-backbone with `with_lora`) train together with one optimizer whose state covers only
-them. Validation top-1 per block is logged every epoch; the final table goes to
+A project's entry point calls `main` (`aimjax.probe` is AIM's). One backbone forward
+per batch (with the backbone's own attention; `causal` asks a backbone that has the
+option for causal features) feeds one probe per requested block; the probes (and
+adapters, for a backbone with `with_lora`) train together with one optimizer whose
+state covers only them. Validation top-1 per block is logged every epoch; the final table goes to
 probe_results.json and probe_layers.png in the workdir.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from pretrain_jax import backbones, cli, heads, metrics as metrics_lib, optim
+from pretrain_jax import backbones, heads, metrics as metrics_lib, optim
 from pretrain_jax.data import pipeline, transforms
 
 
@@ -191,6 +191,3 @@ def _plot(top1: dict[int, float], path: str, config) -> None:
 def main(config, workdir):
   return train_probes(config, workdir)
 
-
-if __name__ == "__main__":
-  cli.run(main)
