@@ -3,7 +3,7 @@
 A project registers its plug-ins as Python entry points in pyproject.toml,
 
   [project.entry-points."pretrain_jax.backbones"]
-  aim = "aimjax.backbone:load"
+  mae = "maejax.backbone:load"
 
 and the core looks them up by group and name; the target ("module" or
 "module:attribute") is imported only when it is loaded, so listing names

@@ -17,7 +17,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  c.backbone = "aim"                     # 'aim' | 'fourm' (a 4M encoder on RGB pixels)
+  c.backbone = "aim"                     # a registered backbone: 'aim', 'fourm' (4M encoder on RGB), ...
   c.init_from = ""                       # training workdir, converted checkpoint, safetensors, or a variant (random)
   c.init_step = 0                        # workdir checkpoint step to probe (0: the latest)
   c.layers = (-1,) if not tiny else (0, 1)   # blocks to probe (negative: from the last)
