@@ -22,7 +22,7 @@ def masked_batch(cfg, task_model, n=16):
     cap = np.concatenate([rng.integers(4204, 4500, rng.integers(3, 20)), [3]])
     sample = {"rgb@32": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
               "tok_rgb@32": rng.integers(0, 256, (4, 4)), "tok_depth@32": rng.integers(0, 256, (4, 4)),
-              "caption": cap}
+              "tok_aim_global": rng.integers(0, 256, (16,)), "caption": cap}
     rows.append(masker(sample, rng))
   batch = jax.tree.map(lambda *x: np.stack(x), *rows)
   batch["valid"] = np.ones(n, np.float32)
