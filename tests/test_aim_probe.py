@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from aimjax import backbone as aim_backbone
 from aimjax import model as model_lib
@@ -94,6 +95,7 @@ def test_probe_cli_trains_every_block_and_writes_the_table(tmp_path):
   assert (tmp_path / "merged_params.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_probe_on_pretrained_trunk_beats_the_same_probe_on_a_random_trunk(tmp_path):
   """The signal AIM's whole evaluation rests on, at tiny scale: 1200 steps of
   prefix-causal pretraining on 2048 scenes make the attentive probe on frozen

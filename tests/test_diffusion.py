@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from tokenizers_jax import diffusion
 
@@ -39,6 +40,7 @@ def test_ddim_1000_steps_reproduces_ddpm_mean_on_gaussian_data():
   assert abs(few.mean() - MU) < 0.05
 
 
+@pytest.mark.slow
 def test_patched_unet_shapes_and_a_few_training_steps_lower_the_loss():
   unet = diffusion.PatchedUNet(out_channels=1, base_channels=16, channel_mult=(1, 2),
                                num_res_blocks=1)

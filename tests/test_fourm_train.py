@@ -78,6 +78,7 @@ def test_tiny_4m_trains_on_scenes_tokens_and_the_loss_falls(trained):
   assert last["loss/caption"] < 0.5 * np.log(4500)
 
 
+@pytest.mark.slow
 def test_killed_4m_run_resumes_with_exactly_the_uninterrupted_losses(token_shards, tmp_path):
   """kill -9 at step 7 (checkpoints every 3 steps), resume: every logged loss is bit-identical
   to an uninterrupted run, masks and data order included."""
@@ -196,6 +197,7 @@ def _val_scenes(n, seed=11):
   return out
 
 
+@pytest.mark.slow
 def test_generate_cli_writes_images_and_captions(trained, token_shards, tmp_path):
   from PIL import Image
   from fourm_jax import figure, generate

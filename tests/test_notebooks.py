@@ -49,6 +49,7 @@ def test_every_notebook_is_executed_by_the_suite():
   assert sorted(p.name for p in NOTEBOOKS) == sorted(EXECUTED)
 
 
+@pytest.mark.slow
 def test_aim_probe_notebook_trains_a_tiny_aim_then_probes_it(tmp_path, monkeypatch):
   """AIM_INIT_FROM unset: a tiny AIM is trained in AIM_WORKDIR (20 steps here), loaded, its
   features shown and probed."""

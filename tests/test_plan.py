@@ -55,6 +55,7 @@ def test_block_remat_plans_the_recomputation_and_the_same_state(tmp_path):
   assert none["xla_flops"] == pytest.approx(p["model_flops"], rel=0.15)
 
 
+@pytest.mark.slow
 def test_the_search_finds_the_smallest_mesh_that_fits(tmp_path):
   """4M tiny on up to 8 devices, with the headroom set so that one device cannot hold it:
   one device is ruled out by the estimate (never compiled), and the answer fits as compiled."""

@@ -36,6 +36,7 @@ def test_scanned_aim_computes_what_the_unrolled_blocks_compute():
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+@pytest.mark.slow
 def test_scanned_fourm_loss_equals_the_unrolled_loss():
   from fourm_jax import model as model_lib
   from fourm_jax import train as train_lib

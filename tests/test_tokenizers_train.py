@@ -55,6 +55,7 @@ def test_depth_tokenizer_beats_the_mean_prediction(tmp_path):
   assert meta == {"modality": "depth"}
 
 
+@pytest.mark.slow
 def test_segmentation_tokenizer_beats_the_class_frequency_prediction(tmp_path):
   cfg, row = _train("semantic", str(tmp_path))
   x = _eval_targets(cfg, "semantic")
@@ -64,6 +65,7 @@ def test_segmentation_tokenizer_beats_the_class_frequency_prediction(tmp_path):
   assert rec < 0.5 * baseline, (rec, baseline)
 
 
+@pytest.mark.slow
 def test_sam_instance_mask_tokenizer_gives_16_tokens_and_beats_the_pixel_prior(tmp_path):
   """4M-21 App. D.3: one instance, cropped to its box and resized to 64 x 64, -> 16 tokens."""
   from tokenizers_jax import tokenize as tok_lib
@@ -80,6 +82,7 @@ def test_sam_instance_mask_tokenizer_gives_16_tokens_and_beats_the_pixel_prior(t
   assert tok([crop])[0].shape == (4, 4)
 
 
+@pytest.mark.slow
 def test_diffusion_decoder_depth_tokenizer_reconstructs_from_tokens(tmp_path):
   """ViT encoder + VQ + UNet diffusion decoder (configs/tokenizers/diffusion.py): decoding the
   tokens with 25 DDIM steps from noise beats the mean prediction of standardised depth."""

@@ -77,6 +77,7 @@ def test_killed_run_resumes_with_exactly_the_uninterrupted_losses(uninterrupted,
   assert losses(workdir) == uninterrupted   # bit-exact, every step 1..10
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   # Killed right after the asynchronous save of step 8 starts (Orbax first
