@@ -81,20 +81,25 @@ def _read_image(path: str) -> np.ndarray:
   return records.decode_image(epath.Path(path).read_bytes())
 
 
+def condition_modality(key: str, model) -> str:
+  """A --condition's MODALITY -> the model's input modality: 'rgb'/'image' is the pixel
+  input when the model has one; other short names resolve as `resolve` does."""
+  pixels = next((m.name for m in model.inputs if m.kind == "pixels"), None)
+  if pixels and key in ("rgb", "image"):
+    return pixels
+  return resolve(key, [m.name for m in model.inputs])
+
+
 def build_conditions(conditions, model, n: int, tokenizers: dict, text_tok):
   """['MOD:VALUE', ...] -> ({modality: {"tensor"}} for Sampler.init_state, {modality: uint8
   image to draw})."""
-  names = [m.name for m in model.inputs]
   rows = {m.name: m for m in model.inputs}
   given, drawn = {}, {}
   for cond in conditions:
     key, sep, value = cond.partition(":")
     if not sep or not value:
       raise ValueError(f"--condition={cond!r}: expected MODALITY:VALUE")
-    if key in ("rgb", "image") and any(m.kind == "pixels" for m in model.inputs):
-      name = next(m.name for m in model.inputs if m.kind == "pixels")
-    else:
-      name = resolve(key, names)
+    name = condition_modality(key, model)
     m = rows[name]
     if m.kind == "seq":
       if text_tok is None:
@@ -134,12 +139,10 @@ def condition_columns(conditions, model, drawn: dict, n: int) -> list:
     drawn: {modality: uint8 [H, W, 3]}, build_conditions' images.
     n: the number of samples (rows).
   """
-  names = [m.name for m in model.inputs]
-  pixels = next((m.name for m in model.inputs if m.kind == "pixels"), None)
   values = {}   # a modality given twice keeps its first place and its last value
   for cond in conditions:
     key, _, value = cond.partition(":")
-    values[pixels if pixels and key in ("rgb", "image") else resolve(key, names)] = value
+    values[condition_modality(key, model)] = value
   return [(name, (f"condition: {name}", "image", np.repeat(drawn[name][None], n, 0))
            if name in drawn else (f"condition: {name}", "text", [value] * n))
           for name, value in values.items()]
