@@ -15,6 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aimjax import inference
 from aimjax import model as model_lib
@@ -28,7 +29,8 @@ class Backbone:
   causal: bool = False
 
   @property
-  def image_size(self) -> int:
+  def image_size(self) -> int | tuple[int, int]:
+    """The side of the square images read, or (H, W)."""
     return self.model.image_size
 
   @property
@@ -48,7 +50,7 @@ class Backbone:
     return self.model.num_heads
 
   def features(self, params, images, layers: Sequence[int], adapters=None):
-    """Normalised float images [B, S, S, 3] -> one block output [B, K, D] per entry of
+    """Normalised float images [B, H, W, 3] -> one block output [B, K, D] per entry of
     `layers` (indices in 0..depth-1); `adapters`: LoRA parameters (with_lora)."""
     variables = {"params": params, **({"lora": adapters} if adapters else {})}
     blocks = self.model.apply(variables, images, max(layers) + 1, self.causal,
@@ -62,7 +64,7 @@ class Backbone:
 
   def init_adapters(self, rng):
     """The LoRA parameters at initialisation (B = 0: the adapted trunk starts as the base)."""
-    dummy = jnp.zeros((2, self.image_size, self.image_size, 3))
+    dummy = jnp.zeros((2, *model_lib.image_hw(self.image_size), 3))
     return nn.unbox(jax.jit(self.model.init)(rng, dummy, jnp.ones((2,), jnp.int32))["lora"])
 
   def save_merged(self, params, adapters, path: str) -> None:
@@ -74,12 +76,16 @@ class Backbone:
         "model": {k: getattr(self.model, k) for k in keys} | {"head": "none"}})
 
 
-def load(init_from: str, image_size: int = 0, step: int | None = None, causal: bool = False,
-         num_heads: int | None = None):
+def load(init_from: str, image_size: int | tuple[int, int] = 0, step: int | None = None,
+         causal: bool = False, num_heads: int | None = None):
   """(Backbone, params) of any checkpoint kind aimjax.load reads (a workdir, safetensors,
   an official checkpoint, or a variant name: random init). image_size: the resolution to
-  read images at (0: the checkpoint's own; 224 for a variant or an official checkpoint);
-  the fixed sin-cos positions re-grid to any size. The loader registered as 'aim'."""
+  read images at, S or (H, W) (0: the checkpoint's own; 224 for a variant or an official
+  checkpoint); the fixed sin-cos positions re-grid to any size. The loader registered as
+  'aim'."""
+  if image_size and np.ndim(image_size):
+    h, w = model_lib.image_hw(image_size)
+    image_size = h if h == w else (h, w)
   model, params, _ = inference.load(init_from, image_size=image_size or 224,
                                     num_heads=num_heads, step=step)
   if image_size and model.image_size != image_size:

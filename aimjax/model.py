@@ -5,7 +5,8 @@ Paper Sec. 3 and Table 1; layer layout as the official implementation
 fixed 2D sine-cosine positions, pre-norm blocks with bias-free linears,
 exact GELU, LayerNorm eps 1e-6. No class token.
 
-Shapes: B batch, K = (image_size / patch_size)^2 patches, D width,
+Shapes: B batch, K = (H / patch_size) * (W / patch_size) patches for images of
+H x W (`image_size`: an int for square images, or (H, W)), D width,
 P = patch_size^2 * 3 pixels per patch.
 """
 from __future__ import annotations
@@ -29,9 +30,20 @@ HEADS = ("mlp", "transformer", "none")
 REMAT = remat_lib.POLICIES
 
 
-def sincos_2d(grid: int, dim: int) -> np.ndarray:
-  """Fixed positions [grid*grid, dim] of the square patch grid (pretrain_jax.positions)."""
-  return positions.sincos_2d(grid, grid, dim)
+def sincos_2d(grid: int | tuple[int, int], dim: int) -> np.ndarray:
+  """Fixed positions [rows*cols, dim] of a patch grid (an int: square), raster order; the
+  first half of the channels encodes the column, as the official SinCosPosEmbed
+  (pretrain_jax.positions)."""
+  rows, cols = (grid, grid) if isinstance(grid, int) else grid
+  return positions.sincos_2d(rows, cols, dim)
+
+
+def image_hw(image_size) -> tuple[int, int]:
+  """An image size (int: square, or (H, W)) as (H, W)."""
+  if np.ndim(image_size) == 0:
+    return int(image_size), int(image_size)
+  h, w = image_size
+  return int(h), int(w)
 
 
 def _dense(features, names, use_bias=False, **kw):
@@ -187,7 +199,7 @@ class AIM(nn.Module):
   `features(images)` returns block outputs with full bidirectional
   attention, in raster order, for downstream use.
   """
-  image_size: int = 224
+  image_size: int | tuple[int, int] = 224   # square side, or (H, W)
   patch_size: int = 14
   width: int = 1536
   depth: int = 24
@@ -207,12 +219,30 @@ class AIM(nn.Module):
   lora: LoRA = LoRA()          # adapters on the trunk only (downstream tuning)
 
   @property
+  def grid_hw(self) -> tuple[int, int]:
+    """Patch rows and columns."""
+    h, w = image_hw(self.image_size)
+    return h // self.patch_size, w // self.patch_size
+
+  @property
   def grid(self) -> int:
-    return self.image_size // self.patch_size
+    """Patches per side of a square grid (the patch orders and pretraining need one)."""
+    rows, cols = self.grid_hw
+    if rows != cols:
+      raise ValueError(f"patch orders need a square patch grid; this AIM reads {rows}x{cols} "
+                       f"patches ({self.image_size})")
+    return rows
 
   @property
   def num_patches(self) -> int:
-    return self.grid * self.grid
+    rows, cols = self.grid_hw
+    return rows * cols
+
+  def sequence_order(self) -> np.ndarray:
+    """Raster patch indices [K] in sequence order (objective.patch_order)."""
+    if self.order == "raster":   # also for a non-square grid
+      return np.arange(self.num_patches)
+    return objective.patch_order(self.order, self.grid, self.order_seed)
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -250,11 +280,12 @@ class AIM(nn.Module):
 
   def _embed(self, images, perm):
     """images [B, H, W, 3] -> tokens [B, K, D] in the order `perm`."""
-    if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"AIM expects images of {self.image_size}x{self.image_size}, "
+    h, w = image_hw(self.image_size)
+    if images.shape[1:3] != (h, w):
+      raise ValueError(f"AIM expects images of {h}x{w} (HxW), "
                        f"got {images.shape[1]}x{images.shape[2]}")
     x = self.patch_norm(self.patch_embed(objective.patchify(images, self.patch_size)))
-    x = x + jnp.asarray(sincos_2d(self.grid, self.width), x.dtype)
+    x = x + jnp.asarray(sincos_2d(self.grid_hw, self.width), x.dtype)
     return _constrain(x[:, perm])
 
   def trunk(self, images, mask, perm, num_blocks=None):
@@ -273,7 +304,7 @@ class AIM(nn.Module):
 
     Returns float [B, K, P]: at position i, the prediction of patch i+1.
     """
-    perm = objective.patch_order(self.order, self.grid, self.order_seed)
+    perm = self.sequence_order()
     mask = objective.prefix_causal_mask(prefix_len, self.num_patches)
     x = self.post_trunk_norm(self.trunk(images, mask, perm)[-1])
     if self.head != "none":
@@ -282,7 +313,7 @@ class AIM(nn.Module):
       # into the head's LayerNorms, and on a data x fsdp x tensor = 2 x 2 x 2 mesh the XLA CPU
       # partitioner then gave wrong gradients there (the loss was right).
       x = _constrain(self.head_in(x))
-      x = x + jnp.asarray(sincos_2d(self.grid, self.head_width)[perm], x.dtype)
+      x = x + jnp.asarray(sincos_2d(self.grid_hw, self.head_width)[perm], x.dtype)
       x = scan_lib.apply(self.head_blocks, x, mask)
       x = self.head_norm(x)
     return self.head_out(x)

@@ -15,7 +15,7 @@ from pretrain_jax.data import pipeline, transforms
 
 def make_loss_fn(model: model_lib.AIM, objective_cfg):
   """(params, batch, rng) -> (loss, metrics) for batch {"image", "valid"}."""
-  perm = objective.patch_order(model.order, model.grid, model.order_seed)
+  perm = model.sequence_order()
 
   def loss_fn(params, batch, rng):
     images = transforms.normalize_images(batch["image"])   # uint8 -> standardised float32
