@@ -18,6 +18,7 @@ ENTRY_POINTS = {   # module: flags its --help must list (shared ones from pretra
     "tokenizers_jax.train": ["--config", "--workdir"],
     "tokenizers_jax.tokenize": ["--config", "--input", "--out"],
     "tokenizers_jax.fit_text": ["--config", "--input", "--out"],
+    "tokenizers_jax.convert": ["--input", "--out", "--modality"],
     "pretrain_jax.plan": ["--config", "--topology", "--devices"],
     "pretrain_jax.data.make_scenes": ["--out", "--num", "--workers"],
 }

@@ -124,8 +124,9 @@ def test_pose_mlp_dvae_gives_8_tokens_and_beats_the_mean_pose(tmp_path):
 
 
 FULL_SIZE = [  # config, argument, parameters in millions
-    # two ViT-B/16 stacks of 12 blocks (7.1M each) and the patch projections
-    ("configs/tokenizers/vqvae.py", "modality=rgb,variant=B16", (165, 180)),
+    # two ViT-B/16 stacks of 12 blocks (7.1M each), each closed by the official tanh post-MLP
+    # (4.7M), and the patch projections
+    ("configs/tokenizers/vqvae.py", "modality=rgb,variant=B16", (175, 190)),
     # one ViT-B/16 encoder (86M) and the UNet (base 128, mults 1-2-3-4, 3 blocks a level)
     ("configs/tokenizers/diffusion.py", "modality=rgb,variant=B16", (190, 215)),
     # two bottleneck MLPs of 6 blocks at width 1024 (8.4M each)

@@ -1,8 +1,9 @@
 """Vector quantizers: l2-normalised EMA VQ with dead-code restart, and Memcodes.
 
 VectorQuantizer (4M App. B.3): inputs are projected to a low-dimensional
-latent (32) elsewhere and l2-normalised here; the codebook is l2-normalised
-too, so the nearest code is the one with the largest dot product. The
+latent (32) elsewhere and l2-normalised here; the token is the code of
+largest cosine similarity, and the quantized vector is that code's stored
+row (as the official Lucid cosine codebook in eval mode). The
 codebook is not a parameter: it lives in the 'vq' collection and is updated
 by exponential moving averages (decay 0.99) of the assigned latents, and
 codes whose EMA count falls below B * N_tokens / (c_replace * V) are
@@ -77,7 +78,9 @@ class VectorQuantizer(nn.Module):
     flat = l2_normalize(z.reshape(-1, self.code_dim).astype(jnp.float32))
     w = jnp.ones(flat.shape[:1]) if weights is None else weights.reshape(-1).astype(jnp.float32)
     codebook = self.codebook.value
-    indices = jnp.argmax(flat @ codebook.T, axis=-1)
+    # cosine similarity picks the code; the raw row is the quantized vector (official 4M
+    # checkpoints' EMA rows are not exactly unit-norm, and they decode from the raw rows)
+    indices = jnp.argmax(flat @ l2_normalize(codebook).T, axis=-1)
     one_hot = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
     quantized = jnp.take(codebook, indices, axis=0)
     err = jnp.sum((flat - quantized) ** 2, -1)

@@ -15,6 +15,8 @@ image, normals as unit vectors, segmentation as class ids, vectors as float32.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -193,6 +195,10 @@ def build_model(config):
                        f"{sorted(VECTOR_TARGETS)}")
     return mlp_vae.MLPVAE(m.in_dim, m.num_tokens, m.num_codes, m.width, m.blocks, m.code_dim)
   spec = vqvae.modality_spec(config.modality, m.get("feature_dim", 0))
+  if m.get("num_classes", 0) and spec.class_ids:   # e.g. an official COCO segmentation tokenizer
+    spec = dataclasses.replace(spec, in_channels=m.num_classes, out_channels=m.num_classes)
+  vit = dict(mlp_ratio=m.get("mlp_ratio", 4.0), qkv_bias=m.get("qkv_bias", True),
+             post_mlp=m.get("post_mlp", True))
   if kind == "diffusion":
     if spec.class_ids:
       raise ValueError(f"the diffusion decoder is for continuous modalities, not "
@@ -204,7 +210,8 @@ def build_model(config):
         tuple(d.channel_mult), d.num_res_blocks, d.attn_levels, d.steps)
   return vqvae.VQVAE(spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth,
                      m.dec_depth, m.heads, m.num_codes, m.code_dim, spec.class_ids,
-                     m.ema_decay, m.restart_factor, m.commitment)
+                     m.ema_decay, m.restart_factor, m.commitment,
+                     class_embed_dim=m.get("class_embed_dim", 0), **vit)
 
 
 def _dummy_input(config):

@@ -1,13 +1,18 @@
 """VQ-VAE with ViT encoder and decoder for image-like modalities (4M App. B.3).
 
   x [B, H, W, C_in] -> patches of p x p -> ViT encoder -> latent [B, h, w, 32]
-    -> l2-normalised EMA VQ (tokens int32 [B, h, w]) -> ViT decoder -> [B, H, W, C_out]
+    -> cosine VQ (tokens int32 [B, h, w]) -> ViT decoder -> [B, H, W, C_out]
 
-Positions are 2D sine-cosine computed for the grid at call time, so one
-tokenizer runs at 224 (14 x 14 tokens) and 448 (28 x 28). Per-modality
+The architecture is the official 4M tokenizers' (fourm.vq VQVAE with
+ViTEncoder/ViTDecoder): qkv and projection biases, exact GELU, a residual
+tanh MLP in place of a final LayerNorm (`post_mlp`), and 2D sine-cosine
+positions with the row first, computed for the grid at call time, so one
+tokenizer runs at 224 (14 x 14 tokens) and 448 (28 x 28). Official
+checkpoints load through tokenizers_jax.convert. Per-modality
 reconstruction losses (`reconstruction_loss`): MSE (RGB), smooth L1 (depth,
 normals, feature maps), cross-entropy over classes (segmentation; C_out =
-number of classes, inputs given as class ids are one-hot encoded).
+number of classes, inputs given as class ids are one-hot encoded, or
+embedded with `class_embed_dim` as the official tokenizers do).
 """
 from __future__ import annotations
 
@@ -23,14 +28,21 @@ from tokenizers_jax.quantizers import VectorQuantizer
 LOSSES = ("mse", "smooth_l1", "cross_entropy")
 
 
+def _norm(name: str, eps: float = 1e-6):
+  # two-pass variance, as PyTorch computes it (official checkpoints reproduce to ~1e-6)
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name)
+
+
 class _Block(nn.Module):
+  """Pre-LN transformer block: attention (qkv and output biases) and an exact-GELU MLP."""
   width: int
   heads: int
-  mlp_ratio: int = 4
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
+    y = _norm("norm1")(x)
     hd = self.width // self.heads
     init = nn.initializers.variance_scaling
     w_qkv = self.param("qkv", nn.with_logical_partitioning(
@@ -40,33 +52,54 @@ class _Block(nn.Module):
         init(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2),
         ("heads", "kv", "embed")), (self.heads, hd, self.width))
     qkv = jnp.einsum("btd,dshk->btshk", y, w_qkv)
+    if self.qkv_bias:
+      qkv = qkv + self.param("qkv_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("qkv", "heads", "kv")), (3, self.heads, hd))
     y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    x = x + jnp.einsum("bthk,hkd->btd", y, w_proj)
-    y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
-    y = nn.Dense(self.width * self.mlp_ratio, name="fc1", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(), ("embed", "mlp")))(y)
+    y = jnp.einsum("bthk,hkd->btd", y, w_proj)
+    if self.qkv_bias:
+      y = y + self.param("proj_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("embed",)), (self.width,))
+    x = x + y
+    y = _norm("norm2")(x)
+    y = nn.Dense(int(self.width * self.mlp_ratio), name="fc1",
+                 kernel_init=nn.with_logical_partitioning(
+                     nn.initializers.xavier_uniform(), ("embed", "mlp")))(y)
     y = nn.Dense(self.width, name="fc2", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(), ("mlp", "embed")))(nn.gelu(y))
+        nn.initializers.xavier_uniform(), ("mlp", "embed")))(nn.gelu(y, approximate=False))
     return x + y
 
 
 class _ViT(nn.Module):
-  """[B, h, w, C] -> [B, h, w, width] -> blocks -> [B, h, w, out]."""
+  """[B, h, w, C] -> [B, h, w, width] -> blocks -> [B, h, w, out].
+
+  The 4M tokenizers' ViT (fourm.vq ViTEncoder/ViTDecoder): fixed 2D sin-cos
+  positions with the row in the first half of the channels, pre-LN blocks,
+  no final LayerNorm, and with `post_mlp` a residual tanh MLP on the last
+  block's output (x + fc2(tanh(fc1(LN(x))))). proj_in and proj_out play the
+  official patch projection / post_quant_proj and quant_proj / out_proj.
+  """
   width: int
   depth: int
   heads: int
   out: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  post_mlp: bool = True
 
   @nn.compact
   def __call__(self, x):
     b, h, w, _ = x.shape
     x = nn.Dense(self.width, name="proj_in")(x).reshape(b, h * w, self.width)
-    x = x + jnp.asarray(positions.sincos_2d(h, w, self.width))[None]
+    x = x + jnp.asarray(positions.sincos_2d(h, w, self.width, rows_first=True))[None]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
     for i in range(self.depth):
-      x = _Block(self.width, self.heads, name=f"blocks_{i}")(x)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+      x = _Block(self.width, self.heads, self.mlp_ratio, self.qkv_bias, name=f"blocks_{i}")(x)
+    if self.post_mlp:
+      y = _norm("norm_mlp")(x.astype(jnp.float32))
+      y = nn.Dense(int(self.width * self.mlp_ratio), name="post_mlp_fc1")(y)
+      x = x.astype(jnp.float32) + nn.Dense(self.width, name="post_mlp_fc2")(jnp.tanh(y))
     return nn.Dense(self.out, name="proj_out")(x).reshape(b, h, w, self.out)
 
 
@@ -120,17 +153,27 @@ class VQVAE(nn.Module):
   ema_decay: float = 0.99
   restart_factor: float = 32.0
   commitment: float = 0.25
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True        # biases on the attention's qkv and output projections
+  post_mlp: bool = True        # the residual tanh MLP closing each ViT (fourm.vq post_mlp)
+  # class ids through a learned embedding of this width (official cls_emb) instead of one-hot
+  class_embed_dim: int = 0
 
   def setup(self):
-    self.encoder = _ViT(self.width, self.enc_depth, self.heads, self.code_dim)
+    vit = dict(mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, post_mlp=self.post_mlp)
+    self.encoder = _ViT(self.width, self.enc_depth, self.heads, self.code_dim, **vit)
     self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, self.ema_decay,
                                      self.restart_factor, self.commitment)
+    if self.class_ids and self.class_embed_dim:
+      self.class_embed = nn.Embed(self.in_channels, self.class_embed_dim)
     if self.dec_depth:        # dec_depth=0: encoder and quantizer only (diffusion decoder)
       self.decoder = _ViT(self.width, self.dec_depth, self.heads,
-                          self.patch_size ** 2 * self.out_channels)
+                          self.patch_size ** 2 * self.out_channels, **vit)
 
   def _patchify(self, x):
-    if self.class_ids:
+    if self.class_ids and self.class_embed_dim:
+      x = self.class_embed(x.astype(jnp.int32))
+    elif self.class_ids:
       x = jax.nn.one_hot(x, self.in_channels)
     elif x.ndim == 3:
       x = x[..., None]
