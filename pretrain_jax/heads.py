@@ -5,19 +5,33 @@ The attentive probe follows AIM's Eq. 4 and the official
 affine parameters over the feature dimension, one learned query per head
 (H = d / d_head heads, stored as one [1, Q, d] token), bias-free key and value
 projections of the patch features, attention pooling, the mean over queries,
-then a bias-free linear classifier. Extra parameters: 2 d^2 + d, plus the
-classifier's d * classes.
+then a linear classifier, bias-free as in the released heads (`linear_bias`: the
+biased classifier of heads trained with apple/ml-l3m's probe). Extra parameters:
+2 d^2 + d, plus the classifier's d * classes.
+
+The probes read the mean of a group of block outputs (the official
+`AverageLayers`; a group of one block is that block's output): `average_layers`.
 """
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
-def _dense(features, names, name, dtype):
-  return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names))
+def average_layers(features: Mapping[int, jax.Array], group: Sequence[int]) -> jax.Array:
+  """The mean of the block outputs `features[l]` ([B, K, D] each) over the blocks in `group`."""
+  if len(group) == 1:
+    return features[group[0]]
+  return jnp.mean(jnp.stack([features[l] for l in group]), axis=0)
+
+
+def _dense(features, names, name, dtype, use_bias=False):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
 
 
 class AttentiveProbe(nn.Module):
@@ -25,6 +39,7 @@ class AttentiveProbe(nn.Module):
   num_heads: int
   num_classes: int
   num_queries: int = 1
+  linear_bias: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -40,7 +55,8 @@ class AttentiveProbe(nn.Module):
     k = _dense(d, ("embed", "mlp"), "k", self.dtype)(x).reshape(b, -1, self.num_heads, head_dim)
     v = _dense(d, ("embed", "mlp"), "v", self.dtype)(x).reshape(b, -1, self.num_heads, head_dim)
     pooled = jax.nn.dot_product_attention(q.astype(k.dtype), k, v).reshape(b, self.num_queries, d)
-    return _dense(self.num_classes, ("embed", "vocab"), "linear", self.dtype)(pooled.mean(axis=1))
+    return _dense(self.num_classes, ("embed", "vocab"), "linear", self.dtype,
+                  self.linear_bias)(pooled.mean(axis=1))
 
 
 class LinearProbe(nn.Module):

@@ -5,12 +5,16 @@ registered in pretrain_jax.backbones (`--config.backbone=aim|fourm|<registered>`
   python -m aimjax.probe --config=configs/aim/probe.py:variant=tiny \\
       --config.backbone=fourm --config.init_from=WORKDIR_OR_CHECKPOINT --workdir=DIR
 
-A project's entry point calls `main` (`aimjax.probe` is AIM's). One backbone forward
-per batch (with the backbone's own attention; `causal` asks a backbone that has the
-option for causal features) feeds one probe per requested block; the probes (and
-adapters, for a backbone with `with_lora`) train together with one optimizer whose
-state covers only them. Validation top-1 per block is logged every epoch; the final table goes to
-probe_results.json and probe_layers.png in the workdir.
+A project's entry point calls `main` (`aimjax.probe` is AIM's). `layers` lists the probed
+groups: an int is one block, a tuple of ints the mean of those blocks' outputs (the
+official AIM heads read such a mean: `heads.average_layers`). One backbone forward per
+batch (with the backbone's own attention; `causal` asks a backbone that has the option
+for causal features) feeds one probe per group; the probes (and adapters, for a
+backbone with `with_lora`) train together with one optimizer whose state covers only
+them. Validation top-1 per group is logged every epoch; the final table goes to
+probe_results.json and probe_layers.png in the workdir, and the best group's head to
+probe.safetensors (with its blocks, backbone and init_from in the metadata), which
+a project's classifier applies (`aimjax.classify`).
 """
 from __future__ import annotations
 
@@ -27,12 +31,50 @@ import numpy as np
 import optax
 from etils import epath
 
-from pretrain_jax import backbones, heads, metrics as metrics_lib, optim
+from pretrain_jax import backbones, export, heads, metrics as metrics_lib, optim
 from pretrain_jax.data import pipeline, transforms
+
+Group = tuple[int, ...]
+
+
+def layer_groups(layers, depth: int) -> tuple[Group, ...]:
+  """config key 'layers' -> the probed groups: each entry an int (one block) or a sequence
+  of ints (the mean of those blocks), negative counting from the last. Returns distinct
+  groups of sorted block indices in 0..depth-1: single blocks first, in block order."""
+  groups = set()
+  for entry in layers:
+    ids = (entry,) if np.ndim(entry) == 0 else tuple(entry)
+    if not ids:
+      raise ValueError("config key 'layers': an empty group names no block")
+    for i in ids:
+      if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -depth <= i < depth:
+        raise ValueError(f"config key 'layers': {i!r} is not a block index of a backbone with "
+                         f"{depth} blocks (0..{depth - 1}, or negative from the last)")
+    groups.add(tuple(sorted({int(i) % depth for i in ids})))
+  if not groups:
+    raise ValueError("config key 'layers' must list at least one block or group")
+  return tuple(sorted(groups, key=lambda g: (len(g) > 1, g)))
+
+
+def group_name(group: Group) -> str:
+  """'3' for one block, '14-19' for a run of blocks, '0+2' otherwise."""
+  if len(group) == 1:
+    return str(group[0])
+  if list(group) == list(range(group[0], group[-1] + 1)):
+    return f"{group[0]}-{group[-1]}"
+  return "+".join(map(str, group))
+
+
+def group_features(backbone, params, images, groups: tuple[Group, ...], adapters=None):
+  """One backbone pass -> a tuple with, per group, the mean of its blocks' outputs [B, K, D]."""
+  blocks = sorted({l for g in groups for l in g})
+  feats = backbone.features(params, images, blocks, **({"adapters": adapters} if adapters else {}))
+  by_block = dict(zip(blocks, feats))
+  return tuple(heads.average_layers(by_block, g) for g in groups)
 
 
 class MultiLayerProbe(nn.Module):
-  """One probe per probed block: features tuple of [B, K, D] -> logits [L, B, C]."""
+  """One probe per probed group: features tuple of [B, K, D] -> logits [L, B, C]."""
   kind: str
   num_heads: int
   num_classes: int
@@ -50,20 +92,24 @@ class MultiLayerProbe(nn.Module):
     return jnp.stack(outs)
 
 
+def module_name(group: Group) -> str:
+  return f"block_{group[0]}" if len(group) == 1 else f"blocks_{group_name(group)}"
+
+
 def build(config, backbone):
   """Returns (probe module, the backbone with LoRA adapters when config.lora.rank > 0,
-  layers: the probed block indices)."""
+  groups: the probed groups of block indices, layer_groups)."""
   if config.probe not in ("attentive", "linear"):
     raise ValueError(f"config key 'probe' must be 'attentive' or 'linear', got {config.probe!r}")
-  layers = backbones.layer_indices(config.layers, backbone.depth)
+  groups = layer_groups(config.layers, backbone.depth)
   if config.lora.rank > 0:
     if not hasattr(backbone, "with_lora"):
       raise ValueError(f"config key 'lora.rank': {type(backbone).__name__} has no LoRA "
                        "adapters (no with_lora); probe it frozen (lora.rank=0)")
     backbone = backbone.with_lora(config.lora.rank, config.lora.alpha, tuple(config.lora.targets))
   probe = MultiLayerProbe(config.probe, backbone.num_heads, config.num_classes,
-                          tuple(f"block_{l}" for l in layers))
-  return probe, backbone, layers
+                          tuple(module_name(g) for g in groups))
+  return probe, backbone, groups
 
 
 def train_probes(config, workdir: str) -> dict:
@@ -81,9 +127,10 @@ def train_probes(config, workdir: str) -> dict:
   if backbone.image_size != config.data.image_size:
     raise ValueError(f"config key 'data.image_size' ({config.data.image_size}) must be the "
                      f"{name} backbone's resolution ({backbone.image_size})")
-  probe, backbone, layers = build(config, backbone)
+  probe, backbone, groups = build(config, backbone)
+  names = [group_name(g) for g in groups]
   lora_vars = backbone.init_adapters(rng) if config.lora.rank > 0 else {}
-  feats0 = [jnp.zeros((2, backbone.num_patches, backbone.width))] * len(layers)
+  feats0 = [jnp.zeros((2, backbone.num_patches, backbone.width))] * len(groups)
   probe_vars = nn.unbox(jax.jit(probe.init)(jax.random.fold_in(rng, 1), feats0))
   trainable = {"probe": probe_vars["params"], "lora": lora_vars}
 
@@ -99,8 +146,7 @@ def train_probes(config, workdir: str) -> dict:
 
   def features(lora, images, train):
     images = transforms.normalize_images(images)   # uint8 batches from the pipeline
-    feats = tuple(backbone.features(trunk_params, images, layers,
-                                    **({"adapters": lora} if lora else {})))
+    feats = group_features(backbone, trunk_params, images, groups, lora)
     return feats if lora else jax.lax.stop_gradient(feats)
 
   def loss_fn(trainable, batch_stats, batch):
@@ -141,13 +187,13 @@ def train_probes(config, workdir: str) -> dict:
       step += 1
       if step % config.log_every == 0:
         writer.write_scalars(step, {f"train/loss_block_{l}": float(v)
-                                    for l, v in zip(layers, per_layer)})
-    hits, count = np.zeros(len(layers)), 0.0
+                                    for l, v in zip(names, per_layer)})
+    hits, count = np.zeros(len(groups)), 0.0
     for batch in eval_ds:
       h, n = eval_step(trainable, batch_stats, {k: jnp.asarray(v) for k, v in batch.items()})
       hits += np.asarray(h)
       count += float(n)
-    top1 = {l: float(h / max(count, 1)) for l, h in zip(layers, hits)}
+    top1 = {l: float(h / max(count, 1)) for l, h in zip(names, hits)}
     history.append(top1)
     writer.write_scalars(step, {"epoch": epoch, **{f"eval/top1_block_{l}": a
                                                    for l, a in top1.items()}})
@@ -156,29 +202,56 @@ def train_probes(config, workdir: str) -> dict:
   writer.flush()
   final = history[-1]
   best = max(final, key=final.get)
+  best_group = groups[names.index(best)]
   result = {"init_from": config.init_from, "backbone": name, "probe": config.probe,
             "causal": bool(config.causal),
-            "lora_rank": int(config.lora.rank), "top1": {str(l): a for l, a in final.items()},
+            "lora_rank": int(config.lora.rank), "top1": dict(final),
+            "groups": {n: list(g) for n, g in zip(names, groups)},
             "best_block": best, "best_top1": final[best], "eval_examples": int(count),
-            "history": [{str(l): a for l, a in h.items()} for h in history]}
+            "history": history}
   (epath.Path(workdir) / "probe_results.json").write_text(json.dumps(result, indent=2))
   _plot(final, os.path.join(workdir, "probe_layers.png"), config)
+  merged = ""
   if config.lora.rank > 0 and hasattr(backbone, "save_merged"):
-    backbone.save_merged(trunk_params, trainable["lora"],
-                         os.path.join(workdir, "merged_params.safetensors"))
+    merged = "merged_params.safetensors"
+    backbone.save_merged(trunk_params, trainable["lora"], os.path.join(workdir, merged))
+  save_head(os.path.join(workdir, "probe.safetensors"),
+            {"params": trainable["probe"][module_name(best_group)],
+             "batch_stats": batch_stats.get(module_name(best_group), {})},
+            {"kind": config.probe, "layers": list(best_group), "num_heads": backbone.num_heads,
+             "num_classes": config.num_classes, "linear_bias": False,
+             "backbone": name, "init_from": _absolute(config.init_from),
+             "init_step": int(config.get("init_step") or 0), "image_size": backbone.image_size,
+             "causal": bool(config.causal), "lora_rank": int(config.lora.rank),
+             "merged_params": merged})
   logging.info("best block %s: top-1 %.4f; wrote %s", best, final[best],
                os.path.join(workdir, "probe_results.json"))
   return result
 
 
-def _plot(top1: dict[int, float], path: str, config) -> None:
-  """Accuracy per block as a PNG (matplotlib's Figure API: no global backend switch)."""
+def save_head(path: str, variables, probe_info: dict) -> None:
+  """Writes one probe's variables ({"params", "batch_stats"}) with `probe_info` (kind,
+  layers: the blocks whose mean it reads, num_heads, num_classes, linear_bias, and where
+  its backbone comes from) as the metadata's "probe"."""
+  export.save_safetensors(jax.device_get(variables), path, {"probe": probe_info})
+
+
+def _absolute(init_from: str) -> str:
+  """A local path made absolute (a probe workdir's head then finds its backbone from
+  anywhere); variant names and URLs as given."""
+  return os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+
+
+def _plot(top1: dict[str, float], path: str, config) -> None:
+  """Accuracy per block or group as a PNG (matplotlib's Figure API: no global backend
+  switch)."""
   from matplotlib.figure import Figure
   fig = Figure(figsize=(5, 3))
   ax = fig.subplots()
-  blocks = sorted(top1)
-  ax.plot(blocks, [100 * top1[b] for b in blocks], marker="o")
-  ax.set_xlabel("block")
+  names = list(top1)
+  ax.plot(range(len(names)), [100 * top1[b] for b in names], marker="o")
+  ax.set_xticks(range(len(names)), names)
+  ax.set_xlabel("block (a-b: the mean of blocks a..b)")
   ax.set_ylabel("validation top-1 (%)")
   ax.set_title(f"{config.probe} probe of {os.path.basename(str(config.init_from).rstrip('/'))}")
   ax.grid(alpha=0.3)

@@ -14,7 +14,7 @@ from aimjax import backbone as aim_backbone
 from aimjax import model as model_lib
 from aimjax import probe as probe_lib
 from conftest import ROOT, load_config, subprocess_env
-from pretrain_jax import optim
+from pretrain_jax import heads, optim
 from pretrain_jax import probe as core_probe
 
 
@@ -55,11 +55,11 @@ def test_only_lora_and_probe_parameters_get_gradients_and_optimizer_state():
   cfg = load_config("configs/aim/probe.py", "variant=tiny")
   cfg.lora.rank = 2
   base = model_lib.AIM(image_size=56, width=64, depth=2, num_heads=2, head="none")
-  probe, trunk, layers = core_probe.build(cfg, aim_backbone.Backbone(base))
+  probe, trunk, groups = core_probe.build(cfg, aim_backbone.Backbone(base))
   x = jax.random.normal(jax.random.key(1), (4, 56, 56, 3))
   params = nn.unbox(jax.jit(base.init)(jax.random.key(0), x, jnp.ones((4,), jnp.int32))["params"])
   lora = trunk.init_adapters(jax.random.key(0))
-  feats = trunk.features(params, x, layers, adapters=lora)
+  feats = core_probe.group_features(trunk, params, x, groups, lora)
   pv = nn.unbox(probe.init(jax.random.key(2), feats))
   trainable = {"probe": pv["params"], "lora": lora}
   tx, _ = optim.create_optimizer(cfg.optimizer, 100, trainable)
@@ -70,7 +70,7 @@ def test_only_lora_and_probe_parameters_get_gradients_and_optimizer_state():
   assert size(trainable) < size(params) / 4
 
   def loss(tr):
-    f = trunk.features(params, x, layers, adapters=tr["lora"])
+    f = core_probe.group_features(trunk, params, x, groups, tr["lora"])
     logits, _ = probe.apply({"params": tr["probe"], "batch_stats": pv["batch_stats"]},
                             f, train=True, mutable=["batch_stats"])
     return jnp.mean(logits ** 2)
@@ -79,20 +79,51 @@ def test_only_lora_and_probe_parameters_get_gradients_and_optimizer_state():
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["lora"]))
 
 
-def test_probe_cli_trains_every_block_and_writes_the_table(tmp_path):
+def test_probe_cli_trains_every_block_and_group_and_writes_the_table_and_head(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "aimjax.probe", "--config=configs/aim/probe.py:variant=tiny",
        "--config.init_from=tiny", f"--workdir={tmp_path}", "--config.epochs=1",
        "--config.data.train=scenes:256", "--config.data.eval=scenes:128",
-       "--config.lora.rank=2", "--config.layers=(0, 1)", "--config.optimizer.warmup_steps=1"],
+       "--config.lora.rank=2", "--config.layers=(0, 1, (0, 1))",
+       "--config.optimizer.warmup_steps=1"],
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.load(open(tmp_path / "probe_results.json"))
-  assert set(result["top1"]) == {"0", "1"}
+  assert set(result["top1"]) == {"0", "1", "0-1"}    # "0-1": the mean of blocks 0 and 1
+  assert result["groups"]["0-1"] == [0, 1]
   assert result["eval_examples"] == 128
   assert all(0.0 <= a <= 1.0 for a in result["top1"].values())
   assert os.path.getsize(tmp_path / "probe_layers.png") > 1000
   assert (tmp_path / "merged_params.safetensors").exists()
+  # the best group's head, applied by aimjax.classify on the LoRA-merged trunk
+  from aimjax import classify
+  from pretrain_jax import export
+  _, meta = export.load_safetensors(str(tmp_path / "probe.safetensors"))
+  assert meta["probe"]["layers"] == result["groups"][result["best_block"]]
+  out = classify.classify(str(tmp_path), np.zeros((3, 64, 80, 3), np.uint8))
+  assert out["classes"].shape == (3, 5) and out["logits"].shape == (3, 8)
+  assert out["synsets"] is None                      # 8 classes: ids only
+
+
+def test_layer_groups_are_single_blocks_or_means_of_several():
+  assert core_probe.layer_groups((1, -1, (3, 2, -2), (0,)), 4) == ((0,), (1,), (3,), (2, 3))
+  assert [core_probe.group_name(g) for g in ((5,), (14, 15, 16), (0, 2))] == ["5", "14-16",
+                                                                               "0+2"]
+  with pytest.raises(ValueError, match="'layers': 4 is not a block index"):
+    core_probe.layer_groups((0, (1, 4)), 4)
+  feats = {0: jnp.ones((1, 2, 3)), 2: 3 * jnp.ones((1, 2, 3))}
+  np.testing.assert_array_equal(heads.average_layers(feats, (0, 2)), 2 * np.ones((1, 2, 3)))
+
+
+def test_released_variants_probe_the_official_best_and_last_groups():
+  """ml-aim's LAYERS_BEST (0-indexed): 14-19 for 600M and 7B, 12-17 for 1B and 3B; 'last'
+  is the mean of the last 6 blocks (the official probe_layers=6)."""
+  want = {"0.6B": ((14, 15, 16, 17, 18, 19), (18, 19, 20, 21, 22, 23)),
+          "1B": ((12, 13, 14, 15, 16, 17), (18, 19, 20, 21, 22, 23)),
+          "3B": ((12, 13, 14, 15, 16, 17), (18, 19, 20, 21, 22, 23)),
+          "7B": ((14, 15, 16, 17, 18, 19), (26, 27, 28, 29, 30, 31))}
+  for variant, groups in want.items():
+    assert load_config("configs/aim/probe.py", f"variant={variant}").layers == groups
 
 
 @pytest.mark.slow

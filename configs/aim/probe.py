@@ -3,11 +3,26 @@
   python -m aimjax.probe --config=configs/aim/probe.py:variant=tiny \
       --config.init_from=workdir/aim_tiny --workdir=workdir/aim_tiny_probe
 
-Trains one probe per block in `layers` in the same pass over the data (one
-trunk forward per batch serves them all), reports validation top-1 per
-layer every epoch, and writes probe_results.json and probe_layers.png.
+Trains one probe per entry of `layers` in the same pass over the data (one
+trunk forward per batch serves them all): an int probes one block, a tuple the
+mean of those blocks' outputs, as the released AIM heads do (ml-aim's
+AverageLayers). The released variants default to the official groups: "best"
+(LAYERS_BEST) and "last" (the last 6 blocks); override with e.g.
+--config.layers='((14, 15, 16, 17, 18, 19), -1)'. Reports validation top-1 per
+group every epoch, and writes probe_results.json, probe_layers.png and the best
+group's head (probe.safetensors, which aimjax.classify applies).
 """
 import ml_collections
+
+from aimjax.convert import LAYERS_BEST, PROBE_GROUP, VARIANTS
+
+
+def official_groups(variant: str) -> tuple:
+  """The released heads' groups of a variant: (best blocks, last 6 blocks)."""
+  if variant not in LAYERS_BEST:
+    raise ValueError(f"unknown AIM variant {variant!r}; choose from {['tiny', *LAYERS_BEST]}")
+  depth = VARIANTS[variant][1]
+  return (LAYERS_BEST[variant], tuple(range(depth - PROBE_GROUP, depth)))
 
 
 def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
@@ -20,7 +35,9 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.backbone = "aim"                     # a registered backbone: 'aim', 'fourm' (4M encoder on RGB), ...
   c.init_from = ""                       # training workdir, converted checkpoint, safetensors, or a variant (random)
   c.init_step = 0                        # workdir checkpoint step to probe (0: the latest)
-  c.layers = (-1,) if not tiny else (0, 1)   # blocks to probe (negative: from the last)
+  # groups to probe: an int is one block, a tuple the mean of those blocks (negative: from
+  # the last); tiny probes each block alone, released variants the official best and last
+  c.layers = (0, 1) if tiny else official_groups(variant)
   c.probe = "attentive"                  # 'attentive' (paper Eq. 4) | 'linear' (average pooling)
   c.causal = False                       # True: probe causal features (paper Table 3d)
   c.num_classes = 8                      # scenes: colour of the largest visible object
