@@ -9,7 +9,8 @@ from conftest import ROOT, subprocess_env
 ENTRY_POINTS = {   # module: flags its --help must list (shared ones from pretrain_jax.cli too)
     "aimjax.train": ["--config", "--workdir", "--distributed"],
     "aimjax.probe": ["--config", "--workdir"],
-    "aimjax.convert": ["--input", "--variant", "--out"],
+    "aimjax.convert": ["--input", "--head", "--variant", "--out", "--probe_layers"],
+    "aimjax.classify": ["--workdir", "--top_k"],
     "fourm_jax.train": ["--config", "--workdir"],
     "fourm_jax.generate": ["--workdir", "--targets", "--condition", "--tokenizers"],
     "fourm_jax.retrieval": ["--workdir", "--target", "--gallery"],
