@@ -133,3 +133,23 @@ def test_mlp_vae_tokenizes_embeddings_better_than_their_mean():
   loss = float(mlp_vae.vector_loss("cosine", recon, test))
   mean_loss = float(mlp_vae.vector_loss("cosine", jnp.broadcast_to(data.mean(0), test.shape), test))
   assert loss < 0.3 * mean_loss, (loss, mean_loss)
+
+
+def test_head_memcodes_gives_one_token_per_head_from_its_own_codebook():
+  """The official layout: head h quantizes channels [h d, (h+1) d) against codebook h only;
+  lookup reproduces the forward, and gradients reach the codes through the softmax."""
+  m = q.HeadMemcodes(num_codes=16, dim=12, heads=3)
+  z = jax.random.normal(jax.random.key(1), (5, 12))
+  v = m.init(jax.random.key(0), z)
+  out, aux = m.apply(v, z)
+  assert aux["indices"].shape == (5, 3) and out.shape == z.shape
+  np.testing.assert_allclose(m.apply(v, aux["indices"], method=m.lookup), out, atol=1e-5)
+  p = v["params"]
+  keys = np.einsum("hnd,hdc->hnc", p["codes"], p["to_k"])
+  values = np.einsum("hnd,hdc->hnc", p["codes"], p["to_v"])
+  for h in range(3):      # by hand, head by head
+    logits = np.asarray(z[:, 4 * h:4 * h + 4]) @ keys[h].T
+    np.testing.assert_array_equal(aux["indices"][:, h], logits.argmax(-1))
+    np.testing.assert_allclose(out[:, 4 * h:4 * h + 4], values[h][logits.argmax(-1)], atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(m.apply({"params": p}, z)[0] ** 2))(p)
+  assert float(jnp.abs(grads["codes"]).sum()) > 0 and float(jnp.abs(grads["to_k"]).sum()) > 0

@@ -101,3 +101,72 @@ def test_convert_refuses_an_unknown_preset_naming_the_known_ones(tmp_path):
   assert convert.preset("vit_b_enc", {})["dim_tokens"] == 768
   assert convert.mlp_sizes("BottleneckMLP/B_6-Wi_1024") == (6, 1024, 4)
   assert convert.mlp_sizes("BottleneckMLP/B_2-Wi_128-E_2") == (2, 128, 2)
+
+
+def test_global_mlp_tokenizer_reproduces_official_memcodes_tokens_per_head(converted):
+  """BottleneckMLP/B_2-Wi_128 + Memcodes with 16 heads (one codebook each): 16 tokens per
+  vector, the latent from each head's value projection, the decoded vectors."""
+  tok, fx, _ = converted("tok_global_small")
+  model, v = tok.model, tok.variables
+  assert tok.kind == "mlp_vae" and tok.modality == "global"
+  x = jnp.asarray(fx["__input__"][:, :, 0, 0])
+  assert _rel(model.apply(v, x, method=model.latent), fx["__pre_quant__"][:, :, 0, 0]) < 1e-5
+  tokens = tok(list(fx["__input__"]))
+  np.testing.assert_array_equal(tokens, fx["__tokens__"][:, :, 0, 0])     # (B, 16)
+  latent = model.apply(v, jnp.asarray(tokens), method=model.lookup)
+  assert _rel(latent, fx["__latent__"][:, :, 0, 0]) < 1e-6
+  assert _rel(tok.detokenize(tokens), fx["__recon__"][:, :, 0, 0]) < 1e-5
+
+
+def test_divae_reproduces_official_schedule_noising_and_one_unet_forward(converted):
+  """DiVAE (ViT encoder, Lucid, PatchedUNetCondCat with attention at ds 2, x0 prediction,
+  linear betas rescaled to zero terminal SNR): tokens, schedule, x_t, one decoder forward,
+  the training target and loss."""
+  tok, fx, _ = converted("tok_divae_small")
+  model, v = tok.model, tok.variables
+  assert tok.kind == "diffusion" and tok.modality == "rgb"
+  x = _nhwc(fx["__input__"])
+  # the Tokenizer reads stored RGB (0..255) and maps it to [-1, 1] as the official input
+  np.testing.assert_array_equal(tok(list((fx["__input__"].transpose(0, 2, 3, 1) + 1) * 127.5)),
+                                fx["__tokens__"])
+  latent = model.apply(v, jnp.asarray(fx["__tokens__"]), method=model.lookup)
+  assert _rel(np.asarray(latent).transpose(0, 3, 1, 2), fx["__latent__"]) < 1e-6
+  sch = model.schedule()
+  assert _rel(sch.betas, fx["__betas__"]) < 1e-5
+  np.testing.assert_allclose(sch.alpha_bar, fx["__alphas_cumprod__"], atol=1e-6)
+  assert sch.alpha_bar[-1] == 0
+  t = jnp.asarray(fx["__t__"]) + 1          # ours count 1..1000; the UNet sees the official t
+  x_t = sch.q_sample(x, t, _nhwc(fx["__noise__"]))
+  assert _rel(np.asarray(x_t).transpose(0, 3, 1, 2), fx["__x_t__"]) < 1e-5
+  out = model.apply(v, _nhwc(fx["__x_t__"]), t, latent, method=model.decoder)
+  assert _rel(np.asarray(out).transpose(0, 3, 1, 2), fx["__decoder_out__"]) < 1e-5
+  out, target, _ = model.apply(v, x, t, _nhwc(fx["__noise__"]))      # DiVAE.forward + target
+  assert _rel(np.asarray(target).transpose(0, 3, 1, 2), fx["__target__"]) < 1e-6
+  loss = float(jnp.mean((out - target) ** 2))
+  official = float(np.mean((fx["__decoder_out__"] - fx["__target__"]) ** 2))
+  assert abs(loss - official) < 1e-5 * official, (loss, official)
+
+
+@pytest.mark.slow
+def test_divae_tokens_decode_by_ddim_through_the_tokenizer(converted):
+  tok, fx, _ = converted("tok_divae_small")
+  recon = tok.detokenize(fx["__tokens__"])
+  assert recon.shape == (2, 32, 32, 3) and np.isfinite(recon).all()
+  np.testing.assert_array_equal(tok.detokenize(fx["__tokens__"]), recon)   # seeded
+
+
+@pytest.mark.parametrize("prediction", ["sample", "epsilon", "v_prediction"])
+@pytest.mark.parametrize("schedule,zero_snr", [("linear", False), ("squaredcos_cap_v2", True)])
+def test_every_official_scheduler_setting_turns_its_target_back_into_x0(prediction, schedule,
+                                                                         zero_snr):
+  from tokenizers_jax import diffusion
+  sch = diffusion.Schedule(1000, beta_schedule=schedule, zero_terminal_snr=zero_snr)
+  if schedule == "squaredcos_cap_v2" and not zero_snr:
+    abar = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+    np.testing.assert_allclose(sch.betas[10], 1 - abar(11 / 1000) / abar(10 / 1000), rtol=1e-5)
+  assert (sch.alpha_bar[-1] == 0) == zero_snr
+  x0, noise = jax.random.normal(jax.random.key(0), (2, 2, 4, 4, 3))
+  t = jnp.array([1, 500])                 # (t = 1000 with zero SNR leaves epsilon undefined)
+  x_t = sch.q_sample(x0, t, noise)
+  target = sch.target(prediction, x0, t, noise)
+  np.testing.assert_allclose(sch.to_x0(prediction, target, x_t, t), x0, atol=2e-4)

@@ -280,6 +280,142 @@ def convert_vqvae(sd, cfg, modality: str = "") -> tuple[ml_collections.ConfigDic
   return c, params, extra
 
 
+def _mlp(k: _Keys, prefix: str, blocks: int, width: int, expansion: int, dim_in: int,
+         dim_out: int) -> dict:
+  """An official BottleneckMLP -> our BottleneckMLP params."""
+  params = {"proj_in": k.linear(prefix + ".linear_in", width, dim_in),
+            "proj_out": k.linear(prefix + ".linear_out", dim_out, width)}
+  for i in range(blocks):
+    params[f"norm_{i}"] = k.norm(f"{prefix}.layernorms.{i}")
+    params[f"fc1_{i}"] = k.linear(f"{prefix}.blocks.{i}.block.0", expansion * width, width)
+    params[f"fc2_{i}"] = k.linear(f"{prefix}.blocks.{i}.block.2", width, expansion * width)
+  return params
+
+
+def convert_mlp_vae(sd, cfg, modality: str = ""):
+  """Official VQVAE with BottleneckMLP encoder/decoder and Memcodes -> (config, params, {})."""
+  kw, k = cfg["kwargs"], _Keys(sd)
+  if kw.get("quant_type") != "memcodes":
+    raise ValueError(f"an MLP tokenizer with quant_type {kw.get('quant_type')!r}: only "
+                     "'memcodes' converts")
+  sizes = mlp_sizes(kw["enc_type"])
+  if mlp_sizes(kw["dec_type"]) != sizes:
+    raise ValueError(f"encoder {kw['enc_type']} and decoder {kw['dec_type']} differ: our "
+                     "MLPVAE shares their sizes")
+  blocks, width, expansion = sizes
+  heads, latent, vocab, c_in = (kw.get("num_codebooks", 1), kw["latent_dim"],
+                                kw["codebook_size"], kw["n_channels"])
+  d = latent // heads
+  params = {
+      "encoder": _mlp(k, "encoder", blocks, width, expansion, c_in, width),
+      "quant_proj": k.linear("quant_proj", latent, width),
+      "quantizer": {"codes": k("quantize.codes", (heads, vocab, d)),
+                    "to_k": k("quantize.to_k.weight", (heads, d, d)),
+                    "to_v": k("quantize.to_v.weight", (heads, d, d))},
+      "post_quant_proj": k.linear("post_quant_proj", width, latent),
+      "decoder": _mlp(k, "decoder", blocks, width, expansion, width, c_in)}
+  _no_leftovers(k)
+  c = _base_config("mlp_vae", modality or "global", cfg)
+  c.model.update({"in_dim": c_in, "num_tokens": heads, "num_codes": vocab, "width": width,
+                  "blocks": blocks, "code_dim": d, "expansion": expansion, "official": True})
+  c.data.field = "aim_global" if c.modality == "global" else ""
+  return c, params, {}
+
+
+def _unet(k: _Keys, u: dict) -> dict:
+  """An official PatchedUNetCondCat (guided-diffusion UNetModel) -> our PatchedUNet params."""
+  for key in ("use_scale_shift_norm", "resblock_updown", "use_new_attention_order"):
+    if u.get(key):
+      raise ValueError(f"UNet option {key}=True is not supported")
+  if u.get("num_head_channels", -1) != -1:
+    raise ValueError("UNet num_head_channels is not supported: give num_heads")
+  if u.get("num_classes") is not None:
+    raise ValueError("class-conditional UNets are not supported")
+  levels, nrb = len(u["channel_mult"]), u["num_res_blocks"]
+  attends = lambda level: 2 ** level in u["attention_resolutions"]
+  heads = u["num_heads"]
+
+  def res(prefix):
+    out = {"norm1": k.norm(prefix + ".in_layers.0"), "conv1": k.conv(prefix + ".in_layers.2"),
+           "temb": k.linear(prefix + ".emb_layers.1"), "norm2": k.norm(prefix + ".out_layers.0"),
+           "conv2": k.conv(prefix + ".out_layers.3")}
+    if prefix + ".skip_connection.weight" in k.sd:
+      out["skip"] = k.conv(prefix + ".skip_connection")
+    return out
+
+  def attn(prefix):
+    w = k(prefix + ".qkv.weight")[:, :, 0]                      # [3C, C], per head (q, k, v)
+    c = w.shape[1]
+    hd = c // heads
+    return {"norm": k.norm(prefix + ".norm"),
+            "qkv": {"kernel": w.reshape(heads, 3, hd, c).transpose(3, 0, 1, 2),
+                    "bias": k(prefix + ".qkv.bias", (3 * c,)).reshape(heads, 3, hd)},
+            "proj": {"kernel": k(prefix + ".proj_out.weight", (c, c, 1))[:, :, 0].T.reshape(
+                heads, hd, c), "bias": k(prefix + ".proj_out.bias", (c,))}}
+
+  d = "decoder."
+  params = {"temb_1": k.linear(d + "time_embed.0"), "temb_2": k.linear(d + "time_embed.2"),
+            "conv_in": k.conv(d + "input_blocks.0.0"),
+            "mid_1": res(d + "middle_block.0"), "mid_attn": attn(d + "middle_block.1"),
+            "mid_2": res(d + "middle_block.2"),
+            "norm_out": k.norm(d + "out.0"), "conv_out": k.conv(d + "out.2")}
+  n = 1
+  for i in range(levels):
+    for j in range(nrb):
+      params[f"down_{i}_{j}"] = res(f"{d}input_blocks.{n}.0")
+      if attends(i):
+        params[f"down_attn_{i}_{j}"] = attn(f"{d}input_blocks.{n}.1")
+      n += 1
+    if i < levels - 1:
+      params[f"downsample_{i}"] = k.conv(f"{d}input_blocks.{n}.0.op")
+      n += 1
+  n = 0
+  for i in reversed(range(levels)):
+    for j in range(nrb + 1):
+      params[f"up_{i}_{j}"] = res(f"{d}output_blocks.{n}.0")
+      if attends(i):
+        params[f"up_attn_{i}_{j}"] = attn(f"{d}output_blocks.{n}.1")
+      if i > 0 and j == nrb:
+        params[f"upsample_{i}"] = k.conv(f"{d}output_blocks.{n}.{2 if attends(i) else 1}.conv")
+      n += 1
+  return params
+
+
+def convert_divae(sd, cfg, modality: str = ""):
+  """Official DiVAE (ViT encoder, Lucid, PatchedUNetCondCat) -> (config, params, extra)."""
+  kw, k = cfg["kwargs"], _Keys(sd)
+  presets = cfg.get("presets", {})
+  enc, u = preset(kw["enc_type"], presets), preset(kw["dec_type"], presets)
+  if u["builder"] != "PatchedUNetCondCat":
+    raise ValueError(f"decoder {kw['dec_type']!r} is a {u['builder']}: only the patched UNet "
+                     "(PatchedUNetCondCat, e.g. unet_patched) converts")
+  if kw.get("scheduler", "ddpm") not in ("ddpm", "ddim"):
+    raise ValueError(f"scheduler {kw['scheduler']!r}: only ddpm and ddim schedules convert")
+  if kw.get("conditioning", "concat") != "concat":
+    raise ValueError(f"conditioning {kw['conditioning']!r}: only 'concat' converts")
+  grid = kw["image_size"] // kw["patch_size"]
+  enc_params, model = _encoder(k, kw, enc, grid)
+  params = {"tokenizer": {"encoder": enc_params}, "unet": _unet(k, u)}
+  extra = {"vq": {"tokenizer": {"quantizer": _lucid(k, kw)}}}
+  _no_leftovers(k)
+  c = _base_config("diffusion", _image_modality(kw, modality), cfg)
+  c.model.update(model)
+  c.model.update({"dec_depth": 0, "patch_size": kw["patch_size"],
+                  "num_codes": kw["codebook_size"], "code_dim": kw["latent_dim"],
+                  "ema_decay": float(kw.get("ema_decay", 0.99)), "restart_factor": 32.0,
+                  "commitment": float(kw.get("commitment_weight", 1.0)), "feature_dim": 0})
+  c.data.resolution = kw["image_size"]
+  c.diffusion = ml_collections.ConfigDict({
+      "base_channels": u["model_channels"], "channel_mult": tuple(u["channel_mult"]),
+      "num_res_blocks": u["num_res_blocks"], "attn_levels": 0,
+      "attention_resolutions": tuple(u["attention_resolutions"]), "num_heads": u["num_heads"],
+      "patch_size": u["patch_size"], "steps": kw.get("num_train_timesteps", 1000),
+      "beta_schedule": kw.get("beta_schedule", "linear"),
+      "zero_terminal_snr": bool(kw.get("zero_terminal_snr", True)),
+      "prediction_type": kw.get("prediction_type", "v_prediction"), "sample_steps": 25})
+  return c, params, extra
+
+
 def _no_leftovers(k: _Keys) -> None:
   left = [n for n in k.leftover() if not n.endswith("pos_emb")]
   if left:
@@ -294,6 +430,11 @@ def convert_state(sd, cfg, modality: str = ""):
   cls = cfg.get("official_class", "")
   if cls not in CONVERTERS:
     raise ValueError(f"official_class {cls!r} is not supported; known: {sorted(CONVERTERS)}")
+  kw = cfg.get("kwargs", {})
+  if cls.endswith("VQVAE") and "MLP" in kw.get("enc_type", ""):
+    return convert_mlp_vae(sd, cfg, modality)
+  if cls.endswith("DiVAE"):
+    return convert_divae(sd, cfg, modality)
   return convert_vqvae(sd, cfg, modality)
 
 

@@ -15,7 +15,11 @@ Memcodes (Mama et al., used by 4M-21's MLP dVAEs): quantization as one
 attention step over a learned codebook; the forward pass takes the argmax
 code and the backward pass the softmax (straight through).
 
-Both return (quantized [..., D], aux) with aux = {"indices" int32 [...],
+HeadMemcodes is Memcodes as the official 4M-21 tokenizers lay it out (one
+codebook per head, the latent split across heads), which official
+checkpoints convert to.
+
+All return (quantized [..., D], aux) with aux = {"indices" int32 [...],
 "commit_loss", "codebook_loss", "usage", "perplexity"} (scalars float32).
 """
 from __future__ import annotations
@@ -155,4 +159,60 @@ class Memcodes(nn.Module):
 
   def lookup(self, indices: jax.Array) -> jax.Array:
     """int [..., heads] -> float [..., width]: what __call__ returns for these codes."""
+    return self._decode(jax.nn.one_hot(indices, self.num_codes))
+
+
+class HeadMemcodes(nn.Module):
+  """Memcodes as in the official 4M-21 MLP tokenizers: one codebook per head, no projections
+  of the input.
+
+  A latent [..., dim] splits into `heads` chunks of d = dim / heads channels
+  (head h takes channels [h d, (h + 1) d)); chunk h is a query scaled by
+  d^-0.5 against keys codes[h] @ to_k[h] of its own codebook of `num_codes`
+  codes; the chunk's token is the argmax, its quantized value the chosen
+  code's codes[h] @ to_v[h], and the heads' values concatenate back to
+  [..., dim]. Weights are laid out (heads, d_in, d_out) as the official EinMix
+  ones. Training is straight-through: the argmax forward, the softmax
+  backward. Indices are int32 [..., heads].
+  """
+  num_codes: int
+  dim: int
+  heads: int = 1
+
+  def setup(self):
+    d = self.dim // self.heads
+    if d * self.heads != self.dim:
+      raise ValueError(f"Memcodes latent width {self.dim} is not divisible by {self.heads} heads")
+    self.codes = self.param("codes", nn.initializers.normal(1.0), (self.heads, self.num_codes, d))
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=1, out_axis=2)
+    self.to_k = self.param("to_k", init, (self.heads, d, d))
+    self.to_v = self.param("to_v", init, (self.heads, d, d))
+
+  def _values(self):
+    return jnp.einsum("hnd,hdc->hnc", self.codes, self.to_v)
+
+  def _decode(self, onehot: jax.Array) -> jax.Array:
+    """[..., heads, V] -> [..., dim]."""
+    out = jnp.einsum("...hn,hnc->...hc", onehot, self._values())
+    return out.reshape(out.shape[:-2] + (self.dim,))
+
+  def __call__(self, x: jax.Array, train: bool = False, weights: jax.Array | None = None):
+    del train
+    d = self.dim // self.heads
+    q = x.reshape(x.shape[:-1] + (self.heads, d)) * d ** -0.5
+    keys = jnp.einsum("hnd,hdc->hnc", self.codes, self.to_k)
+    logits = jnp.einsum("...hc,hnc->...hn", q, keys)
+    indices = jnp.argmax(logits, axis=-1)
+    hard = jax.nn.one_hot(indices, self.num_codes, dtype=logits.dtype)
+    soft = jax.nn.softmax(logits, axis=-1)
+    out = self._decode(hard + soft - jax.lax.stop_gradient(soft))
+    w = None if weights is None else jnp.repeat(weights.reshape(-1), self.heads)
+    usage, perplexity = usage_and_perplexity(hard.reshape(-1, self.num_codes), w)
+    zero = jnp.zeros((), jnp.float32)
+    aux = {"indices": indices.astype(jnp.int32), "commit_loss": zero, "codebook_loss": zero,
+           "usage": usage, "perplexity": perplexity}
+    return out, aux
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """int [..., heads] -> float [..., dim]: what __call__ returns for these codes."""
     return self._decode(jax.nn.one_hot(indices, self.num_codes))

@@ -193,7 +193,8 @@ def build_model(config):
     if config.modality not in VECTOR_TARGETS:
       raise ValueError(f"mlp_vae target {config.modality!r} unknown; known: "
                        f"{sorted(VECTOR_TARGETS)}")
-    return mlp_vae.MLPVAE(m.in_dim, m.num_tokens, m.num_codes, m.width, m.blocks, m.code_dim)
+    return mlp_vae.MLPVAE(m.in_dim, m.num_tokens, m.num_codes, m.width, m.blocks, m.code_dim,
+                          m.get("expansion", 4), m.get("official", False))
   spec = vqvae.modality_spec(config.modality, m.get("feature_dim", 0))
   if m.get("num_classes", 0) and spec.class_ids:   # e.g. an official COCO segmentation tokenizer
     spec = dataclasses.replace(spec, in_channels=m.num_classes, out_channels=m.num_classes)
@@ -207,7 +208,10 @@ def build_model(config):
     return diffusion.DiffusionTokenizer(
         spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth, m.heads,
         m.num_codes, m.code_dim, m.ema_decay, m.restart_factor, m.commitment, d.base_channels,
-        tuple(d.channel_mult), d.num_res_blocks, d.attn_levels, d.steps)
+        tuple(d.channel_mult), d.num_res_blocks, d.attn_levels, d.steps,
+        tuple(d.get("attention_resolutions", ())), d.get("num_heads", 1),
+        d.get("patch_size", diffusion.PATCH), d.get("beta_schedule", "linear"),
+        d.get("zero_terminal_snr", False), d.get("prediction_type", "sample"), **vit)
   return vqvae.VQVAE(spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth,
                      m.dec_depth, m.heads, m.num_codes, m.code_dim, spec.class_ids,
                      m.ema_decay, m.restart_factor, m.commitment,

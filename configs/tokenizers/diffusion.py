@@ -36,6 +36,12 @@ def get_config(arg: str = "modality=rgb,variant=tiny") -> ml_collections.ConfigD
   c.diffusion.channel_mult = (1, 2, 2, 2) if tiny else (1, 2, 3, 4)   # 4 levels
   c.diffusion.num_res_blocks = 1 if tiny else 3
   c.diffusion.attn_levels = 2           # self-attention at the two smallest levels
-  c.diffusion.steps = 1000              # linear beta schedule 1e-4 .. 0.02
+  c.diffusion.attention_resolutions = ()  # downsampling rates with attention (overrides attn_levels)
+  c.diffusion.num_heads = 1             # UNet attention heads
+  c.diffusion.patch_size = 4            # UNet pixel patches
+  c.diffusion.steps = 1000              # training timesteps
+  c.diffusion.beta_schedule = "linear"  # linear (1e-4 .. 0.02) or squaredcos_cap_v2
+  c.diffusion.zero_terminal_snr = False  # rescale betas so the last step is pure noise
+  c.diffusion.prediction_type = "sample"  # the UNet predicts x0 (4M); or epsilon, v_prediction
   c.diffusion.sample_steps = 25         # DDIM steps when decoding
   return c

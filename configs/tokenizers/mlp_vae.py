@@ -67,6 +67,10 @@ def get_config(arg: str = "target=pose,variant=tiny") -> ml_collections.ConfigDi
   c.model.width = 128 if tiny else 1024
   c.model.blocks = 2 if tiny else 6
   c.model.code_dim = 32
+  c.model.expansion = 4                # MLP hidden width = expansion * width
+  # True: the official fourm.vq layout (quant_proj, one Memcodes codebook per token, LN eps 1e-5,
+  # exact GELU), as tokenizers_jax.convert builds from official checkpoints
+  c.model.official = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3 if tiny else 1e-4
