@@ -1,11 +1,19 @@
 """AIM pretraining entry point.
 
   python -m aimjax.train --config=configs/aim/pretrain.py:variant=tiny --workdir=/tmp/aim
+  python -m aimjax.train --config=configs/aim/pretrain.py:variant=0.6B --workdir=DIR \
+      --config.init_from=ckpt/aim_600m --config.data.train=...   # continue released weights
+
+`init_from` (a training workdir, or one aimjax.convert wrote) starts a new run from
+its trunk; the pixel head, which the released files lack, starts fresh.
 """
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from aimjax import model as model_lib
 from aimjax import objective
@@ -54,6 +62,26 @@ def check_data(config) -> None:
     pipeline.parse_spec(config.data.eval, "data.eval")
 
 
+def check_init_from(config) -> None:
+  """A config.init_from workdir must hold a trunk of this config's shape (its config.json's
+  model): the loop copies parameters by name and shape, and a trunk of another size would
+  copy nothing or only part of it."""
+  init_from = config.get("init_from")
+  if not init_from:
+    return
+  path = epath.Path(init_from) / "config.json"
+  if not epath.Path(init_from).is_dir() or not path.exists():
+    raise ValueError(f"config key 'init_from' must be a workdir holding config.json and "
+                     f"checkpoints/ (a training run, or aimjax.convert's output), got "
+                     f"{init_from!r}")
+  theirs = json.loads(path.read_text()).get("model", {})
+  for key in ("patch_size", "width", "depth", "num_heads", "mlp_ratio"):
+    if key in theirs and theirs[key] != config.model[key]:
+      raise ValueError(f"config key 'model.{key}' is {config.model[key]} but the init_from "
+                       f"workdir {init_from} has {theirs[key]}: pick the matching variant "
+                       f"or set --config.model.{key}={theirs[key]}")
+
+
 def build_task(config) -> loop.Task:
   """Model, data and objective for `loop.train`."""
   model = model_lib.from_config(config.model, config.objective)
@@ -82,6 +110,7 @@ def build_task(config) -> loop.Task:
 
 def main(config, workdir):
   check_data(config)
+  check_init_from(config)
   return loop.train(config, workdir, build_task(config))
 
 

@@ -4,6 +4,10 @@
   python -m aimjax.train --config=configs/aim/pretrain.py:variant=0.6B --workdir=gs://... \
       --config.data.train='arrayrecord:/data/dfn/*.array_record@0.8,tfds:imagenet2012/train@0.2'
 
+Continued pretraining from released weights: convert them (aimjax.convert), then
+--config.init_from=THAT_DIR with the matching variant; the trunk is copied, the
+pixel head (not released) starts fresh.
+
 The full-size variants have no default data: without --config.data.train they
 stop at start saying so, and they validate only when --config.data.eval names a
 source of at least one global batch (4096 images).
@@ -50,6 +54,7 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.profile_steps = (0, 0)                     # (start, count): jax.profiler trace into WORKDIR/plugins/profile
   c.async_checkpoint = True                    # write checkpoints in the background
   c.eval_every = 100 if tiny else 10_000       # steps between validation losses (0 = never)
+  c.init_from = ""                             # a workdir (training run or aimjax.convert output) whose trunk starts this run
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1                              # data-parallel degree per slice
