@@ -58,7 +58,8 @@ class Schedule:
                beta_schedule: str = "linear", zero_terminal_snr: bool = False):
     self.steps = steps
     self.betas = official_betas(steps, beta_start, beta_end, beta_schedule, zero_terminal_snr)
-    self.alpha_bar = np.cumprod(np.float32(1) - self.betas, dtype=np.float32)
+    # the product in float64: the samplers take ratios of neighbouring entries
+    self.alpha_bar = np.cumprod(1.0 - self.betas.astype(np.float64))
 
   def abar(self, t):
     """alpha_bar at integer timesteps t (0 -> 1.0, i.e. clean data)."""
