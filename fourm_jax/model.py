@@ -300,9 +300,14 @@ class FourM(nn.Module):
                                   kernel_init=nn.with_logical_partitioning(
                                       nn.initializers.xavier_uniform(), ("embed", "vocab")))
     self.dec_embed, self.to_logits = dec, logits
-    self.learned_pos = {m.name: self.param(f"pos_emb_{_name(m.name)}", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, "embed")), (m.length, d))
-        for m in {m.name: m for m in (*self.inputs, *self.targets)}.values() if m.kind == "global"}
+    # global-embedding modalities have learned positions, one table for the encoder and one
+    # for the decoder (as the official model: each embedding module owns its pos_emb)
+    learned = lambda prefix, mods: {m.name: self.param(
+        f"{prefix}_pos_emb_{_name(m.name)}", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "embed")), (m.length, d))
+        for m in mods if m.kind == "global"}
+    self.enc_learned_pos = learned("enc", self.inputs)
+    self.dec_learned_pos = learned("dec", self.targets)
     self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, d))
     self.encoder = self._blocks(EncoderBlock, self.encoder_depth, "encoder")
@@ -322,9 +327,9 @@ class FourM(nn.Module):
     return [_remat(cls, self.remat)(**kw, name=f"{name}_{i}") for i in range(n)]
 
   # ---- positions ------------------------------------------------------------------------------
-  def _grid_pos(self, m: Modality, n: int):
+  def _grid_pos(self, m: Modality, n: int, decoder: bool = False):
     if m.kind == "global":
-      return self.learned_pos[m.name][:n]
+      return (self.dec_learned_pos if decoder else self.enc_learned_pos)[m.name][:n]
     return jnp.asarray(positions.sincos_2d(*m.grid, self.dim, rows_first=True))
 
   def _seq_pos(self, mask, length: int):
@@ -378,7 +383,8 @@ class FourM(nn.Module):
         n -= 1
       else:
         xs.append(jnp.broadcast_to(self.mask_token, (b, n, self.dim)))
-        embs.append(jnp.broadcast_to(self._grid_pos(m, n) + self.mod_emb[m.name], (b, n, self.dim)))
+        embs.append(jnp.broadcast_to(self._grid_pos(m, n, decoder=True) + self.mod_emb[m.name],
+                                     (b, n, self.dim)))
         masks.append(mask)
         ids.append(t)
         att.append(a)
@@ -536,6 +542,7 @@ def from_config(model_cfg, registry=None) -> FourM:
                encoder_depth=model_cfg.get("encoder_depth", 0) or enc,
                decoder_depth=model_cfg.get("decoder_depth", 0) or dec,
                num_heads=model_cfg.get("num_heads", 0) or heads,
+               mlp_ratio=float(model_cfg.get("mlp_ratio", 4.0)),
                qk_norm=model_cfg.get("qk_norm", False),
                tie_embeddings=model_cfg.get("tie_embeddings", True), dtype=dtype,
                remat=remat_lib.policy_name(model_cfg.get("remat", "none")),
@@ -553,7 +560,8 @@ def count_params(params, embeddings: bool = False) -> int:
   for path, leaf in flat:
     top = str(getattr(path[0], "key", path[0]))
     if not embeddings and top.startswith(("mod_emb_", "enc_tok_", "enc_proj_", "dec_tok_",
-                                          "to_logits_", "pos_emb_", "mask_token")):
+                                          "to_logits_", "enc_pos_emb_", "dec_pos_emb_",
+                                          "mask_token")):
       continue
     total += int(np.prod(leaf.shape))
   return total
