@@ -14,6 +14,7 @@ ENTRY_POINTS = {   # module: flags its --help must list (shared ones from pretra
     "fourm_jax.train": ["--config", "--workdir"],
     "fourm_jax.generate": ["--workdir", "--targets", "--condition", "--tokenizers"],
     "fourm_jax.retrieval": ["--workdir", "--target", "--gallery"],
+    "fourm_jax.convert": ["--input", "--out", "--[no]to_official"],
     "fourm_jax.evaluate": ["--workdir", "--data", "--targets"],
     "fourm_jax.pseudo_label": ["--config", "--input", "--out"],
     "tokenizers_jax.train": ["--config", "--workdir"],
