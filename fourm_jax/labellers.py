@@ -26,9 +26,11 @@ aim_features its AIM instance.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import logging
 
 from fourm_jax import metadata, palette
 from pretrain_jax.data import edges
@@ -194,6 +196,30 @@ def _caption_length(resolution):
 
 # ------------------------------------------------------------------ model labellers
 
+RANDOM = "random:"
+
+
+def _trained_weights(name: str, init_from: str) -> str:
+  """`init_from` of a model labeller: an existing workdir or checkpoint (local or remote).
+  A bare name (a variant such as 'tiny' builds a randomly initialised model) is refused:
+  labels from random weights are noise. 'random:NAME' asks for them on purpose (tests,
+  smoke runs) and returns NAME."""
+  from pretrain_jax import paths
+  if init_from.startswith(RANDOM):
+    logging.warning("labeller %r: random weights (%s), as asked", name, init_from)
+    return init_from[len(RANDOM):]
+  if not init_from:
+    raise ValueError(f"labeller {name!r} needs the option 'init_from': a trained workdir or "
+                     f"checkpoint of its backbone ('{RANDOM}VARIANT' labels with random "
+                     "weights, for tests)")
+  if not paths.is_remote(init_from) and not os.path.exists(init_from):
+    raise ValueError(f"labeller {name!r}: init_from={init_from!r} is no workdir or checkpoint "
+                     "on disk; a model labeller needs trained weights (a bare variant name "
+                     f"would label with random ones: write '{RANDOM}{init_from}' if that is "
+                     "what you want)")
+  return init_from
+
+
 def _features_labeller(name: str, backbone: str, init_from: str, layer: int, image_size: int,
                        chunk: int, prefix: str) -> Labeller:
   """The patch features of block `layer` of a registered backbone (float16 [K, D] in
@@ -204,9 +230,7 @@ def _features_labeller(name: str, backbone: str, init_from: str, layer: int, ima
   if not backbone:
     raise ValueError(f"labeller {name!r} needs the option 'backbone', one of "
                      f"{backbones.names()}")
-  if not init_from:
-    raise ValueError(f"labeller {name!r} needs the option 'init_from' (a workdir, checkpoint "
-                     "or variant of the backbone)")
+  init_from = _trained_weights(name, init_from)
   model, params = backbones.load(backbone, init_from, image_size=image_size)
   preprocess = backbones.preprocessing(model.image_size)
   k, d = model.num_patches, model.width
@@ -231,10 +255,10 @@ def _backbone_features(resolution, backbone: str = "", init_from: str = "", laye
 
 
 @register("aim_features")
-def _aim_features(resolution, init_from: str = "tiny", layer: int = -1, image_size: int = 0,
+def _aim_features(resolution, init_from: str = "", layer: int = -1, image_size: int = 0,
                   chunk: int = 32):
   """The AIM trunk (backbone 'aim') standing in for CLIP/DINOv2/ImageBind: fields
-  aim_features (float16 [K, D]) and aim_global (float16 [D]). init_from: an AIM workdir,
-  checkpoint or variant name; images are resized to `image_size` (default: the
-  checkpoint's training size, 224 for a variant)."""
+  aim_features (float16 [K, D]) and aim_global (float16 [D]). init_from: an AIM workdir
+  or checkpoint ('random:VARIANT': random weights, for tests); images are resized to
+  `image_size` (default: the checkpoint's training size, 224 for a variant)."""
   return _features_labeller("aim_features", "aim", init_from, layer, image_size, chunk, "aim")

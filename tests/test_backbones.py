@@ -81,9 +81,9 @@ def test_the_aim_features_labeller_loads_aim_through_the_registry(monkeypatch):
     return aim_backbone.load(init_from, **kw)
   monkeypatch.setitem(registry._LOCAL, registry.BACKBONES, {"aim": spy})
   images = {"image": [render_scene(3, i, 64)["rgb"] for i in range(2)]}
-  out = labellers.create("aim_features", 64, init_from="tiny", image_size=56)(images)
+  out = labellers.create("aim_features", 64, init_from="random:tiny", image_size=56)(images)
   assert calls == [("tiny", {"image_size": 56, "step": None})]
-  same = labellers.create("backbone_features", 64, backbone="aim", init_from="tiny",
+  same = labellers.create("backbone_features", 64, backbone="aim", init_from="random:tiny",
                           image_size=56)(images)
   assert set(out) == {"aim_features", "aim_global"} == set(same)
   np.testing.assert_array_equal(out["aim_features"][1], same["aim_features"][1])
@@ -110,7 +110,7 @@ def test_a_new_family_registered_in_process_labels_without_touching_the_core(mon
   monkeypatch.setitem(registry._LOCAL, registry.BACKBONES, {
       "means": lambda init_from, image_size=0, step=None: (_PixelMeans(), {"scale": 2.0})})
   assert "means" in backbones.names()
-  lab = labellers.create("backbone_features", 16, backbone="means", init_from="-", layer=0)
+  lab = labellers.create("backbone_features", 16, backbone="means", init_from="random:-", layer=0)
   assert lab.outputs["means_features"].shape == (16, 3)
   image = np.full((16, 16, 3), 255, np.uint8)
   out = lab({"image": [image]})

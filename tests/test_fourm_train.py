@@ -25,6 +25,7 @@ def token_shards(tmp_path_factory):
   cfg = load_config("configs/fourm/pseudo_label.py", "scenes")
   cfg.resolution, cfg.shards, cfg.labellers = 32, 2, ("aim_features",)
   cfg.labeller_options.aim_features.image_size = 56
+  cfg.labeller_options.aim_features.init_from = "random:tiny"
   pl.pseudo_label(cfg, "scenes:256", str(root / "labelled"))
   tcfg = load_config("configs/tokenizers/tokenize.py", "")
   for modality in ("rgb", "depth"):

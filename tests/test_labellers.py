@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import load_config
 from fourm_jax import labellers, metadata, palette
 from pretrain_jax.data import edges
 from pretrain_jax.data.schema import FieldSpec
@@ -140,7 +141,7 @@ def test_registry_creates_labellers_and_checks_their_outputs():
 
 
 def test_aim_features_labeller_gives_feature_maps_and_global_embeddings():
-  lab = labellers.create("aim_features", 64, init_from="tiny", image_size=56)
+  lab = labellers.create("aim_features", 64, init_from="random:tiny", image_size=56)
   images = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
   out = lab({"image": images})
   assert lab.outputs["aim_features"].shape == (16, 64)
@@ -148,3 +149,17 @@ def test_aim_features_labeller_gives_feature_maps_and_global_embeddings():
   np.testing.assert_allclose(out["aim_global"][1], out["aim_features"][1].astype(np.float32).mean(0),
                              atol=2e-2)
   assert not np.allclose(out["aim_global"][0], out["aim_global"][1])
+
+
+def test_model_labellers_refuse_random_weights_unless_asked(tmp_path):
+  """A bare variant name would build a randomly initialised model: its 'features' are noise
+  that tokenizers and 4M would then learn from (issue 21). Only 'random:NAME' asks for it."""
+  with pytest.raises(ValueError, match="needs the option 'init_from'"):
+    labellers.create("aim_features", 64)
+  with pytest.raises(ValueError, match="'random:tiny' if that is what you want"):
+    labellers.create("aim_features", 64, init_from="tiny")
+  with pytest.raises(ValueError, match="no workdir or checkpoint on disk"):
+    labellers.create("backbone_features", 64, backbone="aim", init_from=str(tmp_path / "none"))
+  cfg = load_config("configs/fourm/pseudo_label.py", "images")
+  with pytest.raises(ValueError, match="needs the option 'init_from'"):
+    labellers.create("aim_features", 64, **cfg.labeller_options.aim_features)

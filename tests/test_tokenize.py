@@ -21,6 +21,7 @@ def setup(tmp_path_factory):
   cfg.resolution, cfg.shards = 32, 3
   assert "aim_features" in cfg.labellers   # the scenes labellers include the AIM features
   cfg.labeller_options.aim_features.image_size = 56          # the tiny AIM's size
+  cfg.labeller_options.aim_features.init_from = "random:tiny"
   pl.pseudo_label(cfg, "scenes:9", str(root / "labelled"))
   tcfg = load_config("configs/tokenizers/vqvae.py", "modality=depth,variant=tiny")
   tcfg.total_steps, tcfg.checkpoint_every, tcfg.eval_every = 20, 20, 0

@@ -194,6 +194,7 @@ def test_feature_map_tokenizer_on_aim_features_beats_the_mean_feature(tmp_path):
   pcfg = load_config("configs/fourm/pseudo_label.py", "scenes")
   pcfg.resolution, pcfg.shards, pcfg.labellers = 32, 1, ("aim_features",)
   pcfg.labeller_options.aim_features.image_size = 56          # the tiny AIM: a 4 x 4 map
+  pcfg.labeller_options.aim_features.init_from = "random:tiny"
   pl.pseudo_label(pcfg, "scenes:160", str(tmp_path / "labelled"))
   cfg = load_config("configs/tokenizers/vqvae.py", "modality=features,variant=tiny")
   cfg.data.train = cfg.data.eval = f"arrayrecord:{tmp_path}/labelled/*.array_record"

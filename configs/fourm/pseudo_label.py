@@ -31,10 +31,10 @@ def get_config(arg: str = "scenes") -> ml_collections.ConfigDict:
       "color_palette": {"max_colors": 7, "space": "lab", "seed": 0},
       "semantic_metadata": {"classes": "scenes" if variant == "scenes" else "coco_4m21"},
       "geometric_metadata": {"threshold": 0.3, "normalize_depth": True},
-      # init_from: an AIM workdir or checkpoint (the quickstart's workdir/aim_tiny), or a
-      # variant name (random weights); image_size 0: the checkpoint's training size
-      # (224 for a variant)
-      "aim_features": {"init_from": "tiny", "layer": -1, "image_size": 0},
+      # init_from: an AIM workdir or checkpoint (the quickstart's workdir/aim_tiny), required;
+      # 'random:VARIANT' labels with random weights on purpose (tests); image_size 0: the
+      # checkpoint's training size (224 for a variant)
+      "aim_features": {"init_from": "", "layer": -1, "image_size": 0},
   })
   c.batch_size = 32                    # images per labeller call
   c.workers = 0                        # processes labelling shards in parallel (0: this one)
