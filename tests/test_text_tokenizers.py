@@ -174,3 +174,45 @@ def test_a_file_with_another_layout_is_refused(tmp_path, tok):
   other.save(path)
   with pytest.raises(ValueError, match="is not a 4M text tokenizer"):
     text.load(path)
+
+
+OFFICIAL_SENTENCES = ("a carpet and a traffic light", "A Traffic Light near a Carpet.",
+                      "cartoon cat v0=12 [S_1] catalog")
+
+
+def test_fitted_added_tokens_carry_the_official_flags():
+  """The official file's "added_tokens": [PAD] [UNK] [SOS] [EOS] plain; sentinels and value
+  tokens single_word; class names single_word and normalized; all special."""
+  import json
+  from configs.tokenizers import text as text_config
+  from tokenizers_jax import fit_text
+  config = text_config.get_config()
+  config.vocab_size, config.class_names, config.extra_words = 4400, "coco", ()
+  tok = fit_text.fit_captions(config, CAPTIONS)
+  flags = {(a["content"]): (a["single_word"], a["normalized"], a["special"])
+           for a in json.loads(tok.to_str())["added_tokens"]}
+  assert flags["[PAD]"] == flags["[EOS]"] == (False, False, True)
+  assert flags["[S_1]"] == flags["v3=999"] == (True, False, True)
+  assert flags["car"] == flags["traffic light"] == (True, True, True)
+
+
+@pytest.mark.skipif(not os.path.exists(OFFICIAL), reason="../shared/reference/ (official 4M "
+                    "text tokenizer file) is not present")
+def test_coco_vocabulary_fitted_here_splits_text_as_the_official_file():
+  """A vocabulary fitted by tokenizers_jax.fit_text with the COCO class names splits
+  sentences into the same token strings as the official file: 'carpet' is a word of its own,
+  not the class 'car' then '##pet'; 'Traffic Light' is the class after lowercasing. The
+  captions hold every word of the sentences so that both vocabularies know them."""
+  from tokenizers import Tokenizer
+  from configs.tokenizers import text as text_config
+  from tokenizers_jax import fit_text
+  config = text_config.get_config()
+  config.vocab_size, config.class_names, config.extra_words = 4400, "coco", ()
+  words = "a carpet and traffic light near cartoon catalog"
+  ours = fit_text.fit_captions(config, CAPTIONS + [words] * 20)
+  official = Tokenizer.from_file(OFFICIAL)
+  for sentence in OFFICIAL_SENTENCES:
+    want = official.encode(sentence, add_special_tokens=False).tokens
+    assert ours.encode(sentence, add_special_tokens=False).tokens == want, sentence
+  assert official.encode(OFFICIAL_SENTENCES[0], add_special_tokens=False).tokens == [
+      "a", "carpet", "and", "a", "traffic light"]

@@ -7,7 +7,8 @@ Reads the `caption` field of pseudo-labelled shards (at most
 `max_records`, in shard order), fits one WordPiece vocabulary of
 `vocab_size` entries whose first ids are 4M's layout ([PAD], [UNK], [SOS],
 [EOS], the sentinels, the v0..v3 value tokens, the class names and marker
-words: tokenizers_jax.text), and writes it as a `tokenizers` JSON file
+words, added with the official file's flags: whole words only, class names
+matched after lowercasing: tokenizers_jax.text), and writes it as a `tokenizers` JSON file
 (written to a temporary name, then renamed). tokenizers_jax.tokenize reads
 it as `text_tokenizer`.
 """
@@ -35,15 +36,20 @@ def class_names(spec: str) -> tuple[str, ...]:
   return names
 
 
+def fit_captions(config, captions):
+  """The vocabulary of `config` (vocab_size, class_names, extra_words) fitted on `captions`;
+  its added tokens carry the official file's flags (tokenizers_jax.text)."""
+  return text.fit_wordpiece(captions, vocab_size=config.vocab_size,
+                            class_names=class_names(config.class_names),
+                            extra_words=tuple(config.extra_words))
+
+
 def fit(config, pattern: str, out: str) -> dict:
   ds = multimodal.dataset(pattern, fields=("caption",))
   n = len(ds) if not config.max_records else min(len(ds), config.max_records)
   if n == 0:
     raise ValueError(f"no records in {pattern}")
-  captions = (ds[i]["caption"] for i in range(n))
-  tok = text.fit_wordpiece(captions, vocab_size=config.vocab_size,
-                           class_names=class_names(config.class_names),
-                           extra_words=tuple(config.extra_words))
+  tok = fit_captions(config, (ds[i]["caption"] for i in range(n)))
   epath.Path(paths.resolve(out)).parent.mkdir(parents=True, exist_ok=True)   # or gs://...
   tmp = paths.staging_path(out)
   tok.save(tmp)

@@ -11,6 +11,12 @@ the ids of every special and value token agree with it):
 
 then the WordPiece vocabulary fitted on captions (BERT normaliser with
 lowercasing, BERT pre-tokeniser, '##' continuation prefix).
+
+The added tokens carry the official file's flags (its "added_tokens"): all are
+special; the sentinels, value tokens and words match only as whole words
+(single_word, so 'car' is no prefix of 'carpet'); the words are matched after
+normalisation (normalized, so 'Traffic Light' is the class 'traffic light');
+[PAD], [UNK], [SOS], [EOS] have neither flag.
 """
 from __future__ import annotations
 
@@ -54,12 +60,23 @@ def added_tokens(class_names: Sequence[str] = COCO_CLASSES,
   return [*SPECIAL, *(sentinel(i) for i in range(NUM_SENTINELS)), *values, *words]
 
 
+def added_token_objects(class_names: Sequence[str] = COCO_CLASSES,
+                        extra_words: Sequence[str] = MARKER_WORDS) -> list:
+  """`added_tokens` as `tokenizers.AddedToken`s with the official file's flags."""
+  from tokenizers import AddedToken
+  names = added_tokens(class_names, extra_words)
+  first_word = len(SPECIAL) + NUM_SENTINELS + VALUE_GROUPS * VALUE_BINS
+  return [AddedToken(t, single_word=i >= len(SPECIAL), normalized=i >= first_word,
+                     special=True)
+          for i, t in enumerate(names)]
+
+
 def fit_wordpiece(captions: Iterable[str], vocab_size: int = 30_000,
                   class_names: Sequence[str] = COCO_CLASSES,
                   extra_words: Sequence[str] = MARKER_WORDS):
   """Fits the vocabulary on `captions`; returns a `tokenizers.Tokenizer`."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-  specials = added_tokens(class_names, extra_words)
+  specials = added_token_objects(class_names, extra_words)
   if vocab_size <= len(specials):
     raise ValueError(f"vocab_size {vocab_size} leaves no room beside the {len(specials)} added "
                      "tokens")
