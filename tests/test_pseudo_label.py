@@ -22,6 +22,7 @@ RES = 32
 def _config(variant="scenes", **overrides):
   cfg = load_config("configs/fourm/pseudo_label.py", variant)
   cfg.resolution, cfg.batch_size = RES, 4
+  cfg.labeller_options.aim_features.init_from = "random:tiny"   # labels' values untested here
   for k, v in overrides.items():
     setattr(cfg, k, v)
   return cfg
@@ -191,7 +192,9 @@ def test_reader_skips_and_counts_bad_records_when_asked(tmp_path):
 def test_cli_writes_shards_and_reports_bad_values_in_one_line(tmp_path):
   env = subprocess_env()
   cmd = [sys.executable, "-m", "fourm_jax.pseudo_label", "--config=configs/fourm/pseudo_label.py",
-         "--input=scenes:3", f"--out={tmp_path}/out", "--config.resolution=24"]
+         "--input=scenes:3", f"--out={tmp_path}/out",
+         "--config.labeller_options.aim_features.init_from=random:tiny",
+         "--config.resolution=24"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "wrote 3 records in 1 shards" in proc.stdout
