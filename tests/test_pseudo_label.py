@@ -202,3 +202,31 @@ def test_cli_writes_shards_and_reports_bad_values_in_one_line(tmp_path):
   bad = subprocess.run(cmd[:-1] + ["--config.labellers=('nope',)"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "error: unknown labeller 'nope'" in bad.stderr
+
+
+def test_webdataset_captions_in_every_ml4m_format(tmp_path):
+  """ml-4m's CaptionTransform reads .txt, .json and .json.gz; a JSON value is a string, a
+  dict with 'caption', or a list of those, of which it takes the first without
+  augmentation (aligned captions, no augmentation index)."""
+  import gzip
+  import json
+  from pretrain_jax.data import webdataset
+  root = tmp_path / "wds"
+  os.makedirs(root / "rgb")
+  os.makedirs(root / "caption")
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
+  captions = {"0.txt": b" plain text \n",
+              "1.json": json.dumps("a json string").encode(),
+              "2.json": json.dumps({"caption": "a dict", "score": 0.3}).encode(),
+              "3.json.gz": gzip.compress(json.dumps([{"caption": "first of a list"},
+                                                     {"caption": "second"}]).encode()),
+              "4.json.gz": gzip.compress(json.dumps(["first string", "other"]).encode())}
+  _tar(root / "rgb" / "shard-00000.tar", {f"{i}.png": buf.getvalue() for i in range(6)})
+  _tar(root / "caption" / "shard-00000.tar", captions)
+  source = webdataset.WebDatasetSource(str(root))
+  got = [source.decode(source[i][1]).get("caption") for i in range(6)]
+  assert got == ["plain text", "a json string", "a dict", "first of a list", "first string",
+                 None]
+  with pytest.raises(ValueError, match="a dict without a 'caption' field"):
+    webdataset.caption_text(json.dumps({"text": "x"}).encode(), "shard:9")

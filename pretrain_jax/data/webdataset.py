@@ -23,7 +23,7 @@ from pretrain_jax import paths as paths_lib
 from pretrain_jax.data import records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TEXT_EXTENSIONS = (".txt", ".json")
+TEXT_EXTENSIONS = (".txt", ".json", ".json.gz")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -56,8 +56,10 @@ class WebDatasetSource:
   """Images of `ROOT/{image_modality}/*.tar` with their captions from `ROOT/{caption_modality}`.
 
   decode() gives {"image": uint8 [H, W, 3], "label": -1, "caption": str} (no
-  caption key when the sample has none). Captions in `.json` files are read
-  from their "caption" field.
+  caption key when the sample has none). Captions come as ml-4m stores them
+  (`caption_text`): `.txt`, or `.json` / `.json.gz` holding a string, a dict
+  with a "caption" field, or a list of either (the first is taken, as ml-4m
+  does without augmentation).
   """
 
   def __init__(self, root: str, image_modality: str = "rgb", caption_modality: str = "caption",
@@ -87,6 +89,31 @@ class WebDatasetSource:
                            "label": np.int32(-1)}
     if key in self._captions:
       cpath, coff, csize = self._captions[key]
-      text = _read(cpath, coff, csize).decode("utf-8")
-      out["caption"] = json.loads(text)["caption"] if text.lstrip().startswith("{") else text.strip()
+      out["caption"] = caption_text(_read(cpath, coff, csize), f"{cpath}:{key}")
     return out
+
+
+def caption_text(data: bytes, where: str = "") -> str:
+  """A caption file's bytes (.txt, .json or gzip-compressed .json.gz) -> its caption."""
+  import gzip
+  if data[:2] == b"\x1f\x8b":                  # gzip magic: .json.gz
+    data = gzip.decompress(data)
+  text = data.decode("utf-8")
+  if not text.lstrip()[:1] in ("{", "[", '"'):  # plain text
+    return text.strip()
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"caption {where}: not valid JSON ({e})") from None
+  if isinstance(value, (list, tuple)):
+    if not value:
+      raise ValueError(f"caption {where}: an empty list of captions")
+    value = value[0]
+  if isinstance(value, dict):
+    if "caption" not in value:
+      raise ValueError(f"caption {where}: a dict without a 'caption' field "
+                       f"(keys {sorted(value)[:6]})")
+    value = value["caption"]
+  if not isinstance(value, str):
+    raise ValueError(f"caption {where}: expected text, got {type(value).__name__}")
+  return value.strip()
