@@ -12,7 +12,7 @@ dim 0, head-major. The released backbones and their attentive-probe heads are
 separate files (`--head`); the head reads the mean of a group of block outputs
 (the official `AverageLayers`): `--probe_layers=best|last|i,j,...` names the
 group (default: the official best blocks of the variant, or the last ones when
-the head file is a `..._head_last_layers` one). Writes an Orbax checkpoint of the
+the head file is a `..._head_last_layers` one or the size is not a released one). Writes an Orbax checkpoint of the
 trunk params (usable as `init_from`), a safetensors export, and the head as
 probe.safetensors (read by aimjax.classify); config.json records the probe
 layers. `.pth` files are read with `torch.load(weights_only=True)` (no arbitrary
@@ -365,8 +365,10 @@ def convert(input_path: str, out: str, head: str = "", variant: str = "", num_he
                      else ",".join(str(int(i)) for i in n))
     if not layers_spec and hub:   # the official constructor's default: the last 6 blocks
       layers_spec = "last"
-    if not layers_spec:
-      layers_spec = "last" if "last_layers" in os.path.basename(head or input_path) else "best"
+    if not layers_spec:   # best for a released size; other sizes: the constructor's default
+      last = ("last_layers" in os.path.basename(head or input_path)
+              or variant_of(width, depth) is None)
+      layers_spec = "last" if last else "best"
     layers = probe_layers(layers_spec, width, depth)
   write_converted(sd, out, width, depth, heads, patch, size, layers)
   return {"width": width, "depth": depth, "num_heads": heads, "image_size": size,
@@ -401,6 +403,7 @@ if __name__ == "__main__":
                       "(default: the HF config's img_size, else 224).")
   flags.DEFINE_integer("num_heads", 0, "Attention heads (default: width / 128, as released).")
   flags.DEFINE_string("probe_layers", "", "Blocks whose mean the head reads: best | last | "
-                      "i,j,... (default: best, or last for a ..._head_last_layers file).")
+                      "i,j,... (default: best, or last for a ..._head_last_layers file or "
+                      "an unreleased size).")
   flags.mark_flags_as_required(["input", "out"])
   app.run(main, flags_parser=cli.parse_flags)
