@@ -1,6 +1,6 @@
 """Official AIM v1 PyTorch checkpoints <-> our params (and back).
 
-  python -m aimjax.convert --input=aim_600m_2bimgs_attnprobe_backbone.pth \
+  python -m aimjax.convert --input=aim_600m_2bimgs_attnprobe_backbone.pth \\
       --head=aim_600m_2bimgs_attnprobe_head_best_layers.pth --out=DIR
   python -m aimjax.convert --input=aim_600m.safetensors --variant=0.6B --out=DIR   # one file
   python -m aimjax.convert --input=HF_SNAPSHOT_DIR --out=DIR   # model.safetensors + config.json
@@ -11,12 +11,13 @@ patch projection is a Conv2d [D, 3, p, p] with bias, qkv stacks q, k, v on
 dim 0, head-major. The released backbones and their attentive-probe heads are
 separate files (`--head`); the head reads the mean of a group of block outputs
 (the official `AverageLayers`): `--probe_layers=best|last|i,j,...` names the
-group (default: the official best blocks of the variant, or the last ones when
-the head file is a `..._head_last_layers` one or the size is not a released one). Writes an Orbax checkpoint of the
-trunk params (usable as `init_from`), a safetensors export, and the head as
-probe.safetensors (read by aimjax.classify); config.json records the probe
-layers. `.pth` files are read with `torch.load(weights_only=True)` (no arbitrary
-unpickling; `pip install -e ".[torch]"`); safetensors needs no torch.
+group (default: the official best blocks of the variant; the last ones for a
+`..._head_last_layers` file or a size that was not released). Writes an Orbax
+checkpoint of the trunk params (usable as `init_from`), a safetensors export,
+and the head as probe.safetensors (read by aimjax.classify); config.json
+records the probe layers. `.pth` files are read with
+`torch.load(weights_only=True)` (no arbitrary unpickling;
+`pip install -e ".[torch]"`); safetensors needs no torch.
 """
 from __future__ import annotations
 
