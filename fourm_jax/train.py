@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fourm_jax import flops as flops_lib, masking, modalities, model as model_lib
+from fourm_jax import sequence_augment
 from pretrain_jax import cli, loop
 from pretrain_jax.data import multimodal, pipeline, transforms
 
@@ -93,11 +94,14 @@ class _Mask(grain.transforms.RandomMap):
   the others empty), with its dataset's index (`dataset`) and strategy (`strategy`)."""
 
   def __init__(self, masker: masking.UnifiedMasking, fields: dict[str, str],
-               modalities: list, dataset_id: int):
+               modalities: list, dataset_id: int, augment=None):
     self.masker, self.fields, self.dataset_id = masker, fields, dataset_id
     self.absent = {m.name: masking.empty(m) for m in modalities if m.name not in fields}
+    self.augment = augment    # sequence_augment.SequenceAugment: palettes, metadata per draw
 
   def random_map(self, element, rng: np.random.Generator):
+    if self.augment is not None:
+      element = self.augment(element, rng)
     sample = {m: element[f] for m, f in self.fields.items() if m in self.masker.names}
     out = self.masker(sample, rng)
     out.update(self.absent)           # read-only: batching copies them
@@ -161,14 +165,22 @@ def build_task(config) -> loop.Task:
   def masked(k, name, pattern, seed, train):
     ds = all_ds[name]
     key = f"data.datasets.{name}.{'train' if train else 'eval'}"
-    records = multimodal.dataset(pattern, fields=tuple(sorted(set(fields[name].values()))),
+    read = set(fields[name].values())
+    augment = None
+    if train and config.data.get("augment_sequences", True):
+      # palettes and metadata drawn afresh per sample, when the shards keep their raw values
+      schema = multimodal.schema_of(pattern, key=key)
+      augment = sequence_augment.for_shards(pattern, fields[name], schema)
+      read |= set(augment.raw_fields) if augment else set()
+    records = multimodal.dataset(pattern, fields=tuple(sorted(read)),
                                  skip_corrupt=config.data.skip_corrupt, key=key)
     if not train:
       pipeline.check_eval_size(len(records), config.batch_size, key, pattern)
     if train:
       records = pipeline.repeated(records.shuffle(seed=seed), ds.get("repeats", 1),
                                   seed=seed + 1, window=config.data.repeat_window).repeat(None)
-    return records.random_map(_Mask(maskers[name], fields[name], mods, k), seed=seed + 2)
+    return records.random_map(_Mask(maskers[name], fields[name], mods, k, augment),
+                              seed=seed + 2)
 
   def train_data(rows):
     for n in names:

@@ -63,7 +63,8 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   assert result == {"shards": 3, "written": 3, "records": 9}
   schema = schema_lib.read_schema(out)
   assert set(schema) == {"index", "key", "image", "tok_depth", "tok_aim_global", "caption", "det",
-                         "color_palette", "metadata", "sam_instance"}
+                         "color_palette", "metadata", "sam_instance",
+                         "color_palette_raw", "metadata_raw"}   # raw: fourm_jax.sequence_augment
   ds = multimodal.dataset(f"{out}/*.array_record")
   rec, truth = ds[4], render_scene(0, 4, 32)
   np.testing.assert_array_equal(rec["image"], truth["rgb"])      # copied unchanged

@@ -392,3 +392,30 @@ def decode_sam_instances(text: str, ids_per_instance: int = 16) -> list[Query]:
     out.append(Query((x, y), np.array(boxes, np.int64).reshape(-1, 4),
                      np.array(ids, np.int64).reshape(-1, ids_per_instance)))
   return out
+
+
+# ---- raw values kept in token shards, for per-sample serialisation at training time --------
+# (fourm_jax.sequence_augment reads them: palettes of 1..7 colours, shuffled metadata)
+RAW_FIELDS = {"color_palette": "color_palette_raw", "metadata": "metadata_raw"}
+TOKENIZER_FILE = "text_tokenizer.json"   # beside the shards: their WordPiece file
+SETTINGS_FILE = "sequences.json"         # and the length their sequences were cut to
+
+
+def metadata_vector(meta: dict[str, float]) -> np.ndarray:
+  """{official metadata key: value} -> float32 [T] in METADATA_TYPES order (NaN: absent)."""
+  return np.array([meta.get(k, np.nan) for k in METADATA_TYPES], np.float32)
+
+
+def metadata_dict(vector: np.ndarray) -> dict[str, float]:
+  """The inverse of metadata_vector."""
+  return {k: float(v) for k, v in zip(METADATA_TYPES, np.asarray(vector)) if not np.isnan(v)}
+
+
+def write_settings(directory: str, tokenizer_path: str, max_len: int) -> None:
+  """Writes, beside token shards, the WordPiece file and the sequence length they used."""
+  import json
+  from etils import epath
+  d = epath.Path(directory)
+  (d / TOKENIZER_FILE).write_text(epath.Path(tokenizer_path).read_text())
+  (d / SETTINGS_FILE).write_text(json.dumps({"max_len": int(max_len),
+                                             "raw_fields": RAW_FIELDS}, indent=1))

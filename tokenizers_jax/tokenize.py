@@ -108,6 +108,11 @@ def output_schema(config, in_schema: dict[str, FieldSpec], image_toks,
         out[name] = FieldSpec("array", "int32", (None,))
     if any(m in in_schema for m in METADATA_FIELDS):
       out["metadata"] = FieldSpec("array", "int32", (None,))
+    # raw values, for 4M's per-sample serialisation (fourm_jax.sequence_augment)
+    if "color_palette" in out:
+      out["color_palette_raw"] = in_schema["color_palette"]
+    if "metadata" in out:
+      out["metadata_raw"] = FieldSpec("array", "float32", (len(sequences.METADATA_TYPES),))
     if sam_tok is not None:
       out["sam_instance"] = FieldSpec("array", "int32", (None,))
   return out
@@ -123,9 +128,11 @@ def _sequences(rec: dict[str, Any], schema, tok, config, names) -> dict[str, np.
   if "color_palette" in schema:
     k = config.palette_size
     out["color_palette"] = enc(sequences.encode_palette(rec["color_palette"][k - 1, :k]))
+    out["color_palette_raw"] = rec["color_palette"]
   if "metadata" in schema:
     meta = sequences.metadata_from_labellers(*(rec.get(f, {}) for f in METADATA_FIELDS))
     out["metadata"] = enc(sequences.encode_metadata(meta))
+    out["metadata_raw"] = sequences.metadata_vector(meta)
   return out
 
 
@@ -184,6 +191,9 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   schema = output_schema(config, in_schema, image_toks, sam_tok)
   epath.Path(out).mkdir(parents=True, exist_ok=True)   # local or gs://...
   schema_lib.write_schema(out, schema)
+  if "color_palette_raw" in schema or "metadata_raw" in schema:
+    # the vocabulary and length 4M's per-sample serialisation of the raw values uses
+    sequences.write_settings(out, config.text_tokenizer, config.max_len)
   names = _class_names(config)
   copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
   fields = [f for f in in_schema

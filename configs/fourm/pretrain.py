@@ -190,6 +190,9 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.data.skip_corrupt = False
   c.data.threads = 2 if tiny else 16
   c.data.repeat_window = 256           # records whose repeated copies are shuffled together
+  # color_palette / metadata re-drawn per sample (1..7 colours, shuffled metadata) from the raw
+  # values token shards keep (fourm_jax.sequence_augment), as the official loader does
+  c.data.augment_sequences = True
   repeats = 1 if tiny else 4
   if tiny:
     c.data.datasets = ml_collections.ConfigDict({"scenes": dataset(fields={

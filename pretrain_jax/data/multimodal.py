@@ -78,6 +78,19 @@ class DecodeModalities(grain.transforms.Map):
     return out
 
 
+def _schema(source: ArrayRecordSource) -> schema_lib.Schema:
+  dirs = sorted({os.path.dirname(p) for p in source.paths})
+  schemas = [schema_lib.read_schema(d) for d in dirs]
+  if any(s != schemas[0] for s in schemas[1:]):
+    raise ValueError(f"the shards' directories {dirs} have different schemas; pass `schema`")
+  return schemas[0]
+
+
+def schema_of(pattern, key: str | None = None) -> schema_lib.Schema:
+  """The schema of the shards `pattern` (as `dataset` reads it)."""
+  return _schema(ArrayRecordSource(pattern, key=key))
+
+
 def dataset(pattern, fields: Sequence[str] | None = None,
             schema: schema_lib.Schema | None = None, skip_corrupt: bool = False,
             seed: int | None = None, key: str | None = None) -> grain.MapDataset:
@@ -90,11 +103,7 @@ def dataset(pattern, fields: Sequence[str] | None = None,
   """
   source = ArrayRecordSource(pattern, key=key)
   if schema is None:
-    dirs = sorted({os.path.dirname(p) for p in source.paths})
-    schemas = [schema_lib.read_schema(d) for d in dirs]
-    if any(s != schemas[0] for s in schemas[1:]):
-      raise ValueError(f"the shards' directories {dirs} have different schemas; pass `schema`")
-    schema = schemas[0]
+    schema = _schema(source)
   decode = DecodeModalities(schema, tuple(fields or schema), skip_corrupt)
   ds = grain.MapDataset.source(source)
   if seed is not None:
