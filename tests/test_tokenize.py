@@ -191,3 +191,27 @@ def test_retrieval_predicts_global_embeddings_and_ranks_the_gallery(setup):
   np.testing.assert_allclose(sim[:, 0], 1.0, atol=1e-9)
   with pytest.raises(ValueError, match="not a global embedding"):
     retrieval.predict_embeddings(s, {}, "caption", tok, 1)
+
+
+def test_outputs_map_any_token_field_to_a_tokenizer_and_source_field(setup, tmp_path):
+  """config.outputs writes fields the per-modality keys cannot (4M-21: several feature maps,
+  SAM edges through the edge tokenizer): here the depth tokenizer twice under other names and
+  the global tokenizer on its field, equal to what the named keys write."""
+  c = _config(setup)
+  c.sam_instance_tokenizer = ""
+  c.outputs = (f"tok_depth_copy=depth:{setup}/tok_depth, "
+               f"tok_global_copy=aim_global:{setup}/tok_global")
+  tok_lib.tokenize(c, f"{setup}/labelled/*.array_record", str(tmp_path / "tokens"))
+  schema = schema_lib.read_schema(str(tmp_path / "tokens"))
+  assert schema["tok_depth_copy"] == schema["tok_depth"]
+  rec = multimodal.dataset(f"{tmp_path}/tokens/*.array_record")[2]
+  np.testing.assert_array_equal(rec["tok_depth_copy"], rec["tok_depth"])
+  np.testing.assert_array_equal(rec["tok_global_copy"], rec["tok_aim_global"])
+  for bad, words in (("tok_x=depth", "not OUT=SOURCE:WORKDIR"),
+                     (f"tok_depth=depth:{setup}/tok_depth", "also written by")):
+    c.outputs = bad
+    with pytest.raises(ValueError, match=words):
+      tok_lib.tokenize(c, f"{setup}/labelled/*.array_record", str(tmp_path / "bad"))
+  c.outputs = f"tok_y=no_such_field:{setup}/tok_depth"
+  with pytest.raises(ValueError, match="no 'no_such_field' field to tokenise into 'tok_y'"):
+    tok_lib.tokenize(c, f"{setup}/labelled/*.array_record", str(tmp_path / "bad"))

@@ -91,16 +91,61 @@ def _class_names(config) -> tuple[str, ...]:
   return tuple(config.class_names.split(","))
 
 
-def output_schema(config, in_schema: dict[str, FieldSpec], image_toks,
+def parse_outputs(spec: str) -> dict[str, tuple[str, str]]:
+  """config.outputs, 'OUT=SOURCE:WORKDIR,...' -> {OUT: (SOURCE, WORKDIR)}: the token field
+  OUT is the tokenizer of WORKDIR applied to the record field SOURCE (e.g.
+  'tok_dinov2=dinov2_features:workdir/tok_feat,tok_sam_edge=sam_edges:workdir/tok_edges')."""
+  out = {}
+  for item in (i.strip() for i in spec.split(",")):
+    if not item:
+      continue
+    name, eq, rest = item.partition("=")
+    source, colon, workdir = rest.partition(":")
+    if not (eq and colon and name and source and workdir):
+      raise ValueError(f"config key 'outputs': {item!r} is not OUT=SOURCE:WORKDIR "
+                       "(e.g. tok_dinov2=dinov2_features:workdir/tok_features)")
+    if name in out:
+      raise ValueError(f"config key 'outputs': {name!r} is written twice")
+    out[name.strip()] = (source.strip(), workdir.strip())
+  return out
+
+
+def token_jobs(config, in_schema) -> dict[str, tuple["Tokenizer", str]]:
+  """{output field: (tokenizer, source field)} of config.image_tokenizers (tok_MODALITY from
+  the modality's field), config.vector_tokenizers (tok_FIELD from FIELD) and
+  config.outputs (any field from any source)."""
+  jobs = {}
+  for m, w in config.image_tokenizers.items():
+    if w:
+      tok = Tokenizer(w)
+      if tok.modality != m:
+        raise ValueError(f"image_tokenizers.{m} points at a {tok.modality!r} tokenizer")
+      jobs[f"tok_{m}"] = (tok, m if m in in_schema else INPUT_FIELDS.get(m, m))
+  for field, w in config.get("vector_tokenizers", {}).items():
+    if w:
+      tok = Tokenizer(w)
+      if tok.kind != "mlp_vae":
+        raise ValueError(f"vector_tokenizers.{field} points at a {tok.kind} tokenizer, not an "
+                         "mlp_vae one")
+      jobs[f"tok_{field}"] = (tok, field)
+  for name, (source, w) in parse_outputs(config.get("outputs", "")).items():
+    if name in jobs:
+      raise ValueError(f"config key 'outputs': {name!r} is also written by image_tokenizers "
+                       "or vector_tokenizers")
+    jobs[name] = (Tokenizer(w), source)
+  return jobs
+
+
+def output_schema(config, in_schema: dict[str, FieldSpec], jobs,
                   sam_tok=None) -> dict[str, FieldSpec]:
   out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
   out.update({f: in_schema[f] for f in config.get("copy_fields", ()) if f in in_schema})
-  for field, tok in image_toks.items():
+  for field, (tok, _) in jobs.items():
     if tok.kind == "mlp_vae":
-      out[f"tok_{field}"] = FieldSpec("array", "int32", (tok.config.model.num_tokens,))
+      out[field] = FieldSpec("array", "int32", (tok.config.model.num_tokens,))
     else:
       r, p = tok.config.data.resolution, tok.config.model.patch_size
-      out[f"tok_{field}"] = FieldSpec("array", "int32", (r // p, r // p))
+      out[field] = FieldSpec("array", "int32", (r // p, r // p))
   if config.text_tokenizer:
     for name, needs in (("caption", ("caption",)), ("det", ("boxes", "box_classes")),
                         ("color_palette", ("color_palette",))):
@@ -154,28 +199,18 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   from array_record.python import array_record_module as arm
   source = ArrayRecordSource(pattern)
   in_schema = schema_lib.read_schema(os.path.dirname(source.paths[0]))
-  image_toks = {m: Tokenizer(w) for m, w in config.image_tokenizers.items() if w}
-  for m, tok in image_toks.items():
-    if tok.modality != m:
-      raise ValueError(f"image_tokenizers.{m} points at a {tok.modality!r} tokenizer")
-  for field, w in config.get("vector_tokenizers", {}).items():
-    if w:
-      image_toks[field] = Tokenizer(w)
-      if image_toks[field].kind != "mlp_vae":
-        raise ValueError(f"vector_tokenizers.{field} points at a {image_toks[field].kind} "
-                         "tokenizer, not an mlp_vae one")
-  source_field = {m: (m if m in in_schema else INPUT_FIELDS.get(m, m)) for m in image_toks}
-  for m, f in source_field.items():
+  jobs = token_jobs(config, in_schema)
+  for name, (t, f) in jobs.items():
     if f not in in_schema:
-      raise ValueError(f"the input shards have no {m!r} field to tokenise (fields: "
-                       f"{sorted(in_schema)})")
-    size = image_toks[m].config.data.get("resolution", 0)
+      raise ValueError(f"the input shards have no {f!r} field to tokenise into {name!r} "
+                       f"(fields: {sorted(in_schema)})")
+    size = t.config.data.get("resolution", 0)
     shape = tuple(in_schema[f].shape or ())
-    if (image_toks[m].kind != "mlp_vae" and m != "features" and size and len(shape) >= 2
+    if (t.kind != "mlp_vae" and t.modality != "features" and size and len(shape) >= 2
         and shape[:2] != (size, size)):
       raise ValueError(
-          f"the {f!r} field of {pattern} is {shape[0]}x{shape[1]} px, but the {m} tokenizer "
-          f"{config.image_tokenizers[m]} was trained at {size} px: pseudo-label with "
+          f"the {f!r} field of {pattern} is {shape[0]}x{shape[1]} px, but the {t.modality} "
+          f"tokenizer for {name!r} was trained at {size} px: pseudo-label with "
           f"--config.resolution={size} (or train the tokenizer at {shape[0]} px)")
   tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
   sam_tok = None
@@ -188,7 +223,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     if missing or tok is None:
       raise ValueError(f"sam_instance needs the shards' instance map and boxes (missing: "
                        f"{missing}) and a text_tokenizer")
-  schema = output_schema(config, in_schema, image_toks, sam_tok)
+  schema = output_schema(config, in_schema, jobs, sam_tok)
   epath.Path(out).mkdir(parents=True, exist_ok=True)   # local or gs://...
   schema_lib.write_schema(out, schema)
   if "color_palette_raw" in schema or "metadata_raw" in schema:
@@ -196,8 +231,8 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     sequences.write_settings(out, config.text_tokenizer, config.max_len)
   names = _class_names(config)
   copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
-  fields = [f for f in in_schema
-            if f != "image" or "image" in source_field.values() or "image" in copied]
+  sources = {f for _, f in jobs.values()}
+  fields = [f for f in in_schema if f != "image" or "image" in sources or "image" in copied]
   written = records_out = 0
   for path in source.paths:
     final = os.path.join(out, os.path.basename(path))
@@ -209,10 +244,10 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     try:
       for start in range(0, len(ds), config.batch_size):
         recs = [ds[i] for i in range(start, min(start + config.batch_size, len(ds)))]
-        toks = {m: t([r[source_field[m]] for r in recs]) for m, t in image_toks.items()}
+        toks = {name: t([r[f] for r in recs]) for name, (t, f) in jobs.items()}
         for j, rec in enumerate(recs):
           row = {"index": rec["index"], "key": rec["key"], **{f: rec[f] for f in copied}}
-          row.update({f"tok_{m}": toks[m][j] for m in image_toks})
+          row.update({name: toks[name][j] for name in jobs})
           if tok is not None:
             row.update(_sequences(rec, schema, tok, config, names))
           if sam_tok is not None:

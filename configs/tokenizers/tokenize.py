@@ -17,6 +17,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       {"rgb": "", "depth": "", "normals": "", "semantic": "", "edges": "", "features": ""})
   # vector field -> mlp_vae workdir (configs/tokenizers/mlp_vae.py), written as tok_<field>
   c.vector_tokenizers = ml_collections.ConfigDict({"aim_global": ""})
+  # any other token field: 'OUT=SOURCE:WORKDIR,...', the tokenizer of WORKDIR on the record
+  # field SOURCE written as OUT (several feature maps, SAM edges through the edge tokenizer, ...),
+  # e.g. 'tok_dinov2=dinov2_features:workdir/tok_features,tok_sam_edges=sam_edges:workdir/tok_edges'
+  c.outputs = ""
   c.sam_instance_tokenizer = ""   # a sam_mask tokenizer workdir: adds the sam_instance sequence
   c.sam_points = 7             # query points per record (4M-21: 7, drawn at random)
   c.sam_max_len = 290          # 4M-21's longest sam_instance sequence, [EOS] included
