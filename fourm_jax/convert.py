@@ -4,6 +4,9 @@
   python -m fourm_jax.convert --input=model.safetensors --out=workdir/4m21_b
   python -m fourm_jax.convert --to_official --input=workdir/4m_tiny --out=tiny_fm.safetensors
 
+A checkpoint with modalities the registry lacks (fourm_jax.modalities) takes their rows
+with --modalities='{"tok_x@64": {"kind": "image", "vocab_size": 256, "grid": [4, 4]}}'.
+
 --input is a released checkpoint: a directory holding `model.safetensors` and
 `config.json` (the HF-hub layout), or a `.safetensors` file whose metadata
 key `config` holds that JSON (else a `config.json` beside it). The config
@@ -386,21 +389,39 @@ def read_official(path: str) -> tuple[dict[str, np.ndarray], dict]:
   return sd, cfg
 
 
+def registry_with(rows: Mapping[str, Mapping] | None):
+  """The modality registry with `rows` ({name: Modality fields}, as config.modalities)
+  added: modalities of a checkpoint that the official table here does not have."""
+  from fourm_jax import modalities
+  reg = dict(modalities.REGISTRY)
+  for name, row in (rows or {}).items():
+    row = dict(row)
+    if "grid" in row:
+      row["grid"] = tuple(row["grid"])
+    try:
+      reg[name] = modalities.Modality(name, **row)
+    except TypeError as e:
+      raise ValueError(f"modality row {name!r}: {e}") from None
+  return reg
+
+
 def write_workdir(sd: Mapping[str, np.ndarray], official: Mapping, out: str,
-                  registry=None, source: str = "") -> FourM:
-  """Converts and writes `out/` as a workdir every 4M command reads: config.json (model
-  and official config), checkpoints/0/state (Orbax, {"params": ...}), params.safetensors
-  and the official tensors the model here does not use. Returns the model."""
+                  rows: Mapping[str, Mapping] | None = None, source: str = "") -> FourM:
+  """Converts and writes `out/` as a workdir every 4M command reads: config.json (model,
+  the extra modality `rows` and the official config), checkpoints/0/state (Orbax,
+  {"params": ...}), params.safetensors and the official tensors the model here does not
+  use. Returns the model."""
   import orbax.checkpoint as ocp
   from etils import epath
   from pretrain_jax import export, paths
-  model, model_cfg = build(official, registry)
+  model, model_cfg = build(official, registry_with(rows))
   params = from_official(sd, model)
   root = paths.resolve(out)
   epath.Path(root).mkdir(parents=True, exist_ok=True)
   (epath.Path(root) / "config.json").write_text(json.dumps(
-      {"model": model_cfg, "converted_from": source or "apple/ml-4m FM",
-       "official_config": dict(official)}, indent=2))
+      {"model": model_cfg, "modalities": {k: dict(v) for k, v in (rows or {}).items()},
+       "converted_from": source or "apple/ml-4m FM", "official_config": dict(official)},
+      indent=2))
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(root, "checkpoints", "0", "state"), {"params": params}, force=True)
   ckpt.wait_until_finished()
@@ -446,7 +467,9 @@ def main(argv):
             f"{official['domains_out']})")
       return
     sd, official = read_official(f.input)
-    model = write_workdir(sd, official, f.out, source=os.path.abspath(f.input))
+    rows = json.loads(f.modalities) if f.modalities.lstrip().startswith("{") else (
+        json.load(open(f.modalities)) if f.modalities else None)
+    model = write_workdir(sd, official, f.out, rows, source=os.path.abspath(f.input))
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   print(f"wrote {f.out} (4M dim={model.dim} encoder={model.encoder_depth} "
@@ -463,5 +486,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "The workdir to write; with --to_official, the "
                       ".safetensors file (or directory) to write.")
   flags.DEFINE_bool("to_official", False, "Write a workdir's params in the official layout.")
+  flags.DEFINE_string("modalities", "", "Rows for modalities the registry lacks, as JSON "
+                      "(or a JSON file): {name: {kind, vocab_size, grid, length, ...}}.")
   flags.mark_flags_as_required(["input", "out"])
   app.run(main, flags_parser=cli.parse_flags)
