@@ -29,12 +29,25 @@ targets are conditioned on it.
 
 MaskGIT samples every unknown token and keeps the `n` most confident
 (probability of the sampled token); ROAR samples `n` random unknown
-positions. Guidance runs the conditional and unconditional inputs as one
-batched forward pass: logits = uncond + sum_i w_i (cond_i - uncond), where
-uncond gives the model only the target's known tokens and cond_i adds the
-modalities of condition group i (classifier-free guidance is one group of
-every conditioning modality; multimodal weighted guidance one group per
-condition, weights may be negative).
+positions. Guidance mixes the logits of conditional and unconditional passes:
+logits = uncond + sum_i w_i (cond_i - uncond), where cond_i gives the model
+the modalities of condition group i and uncond none of them; both always get
+the target's known tokens. As in ml-4m (fourm/models/generate.py):
+- a sequence still to be generated in the schedule (and so the sequence being
+  generated) gives the encoder its [S_1] sentinel, in every pass (the
+  official init_empty_target_modality);
+- classifier-free guidance (a step's `guidance` != 1) is one group of every
+  modality known when the target's decoding starts (the conditions and the
+  targets finished before it: the official cfg_grow_conditioning); its
+  unconditional pass empties them as the official one does: an image-like
+  one gives nothing, a sequence its [S_1] alone, a T5-style embedding
+  sequence one zero vector (empty_seq_modality, empty_seq_emb_modality);
+- multimodal weighted guidance (`generate(conditions=, weights=)`) is one group
+  per condition, weights may be negative; its unconditional pass holds no
+  condition, and each target finished before the current one becomes a
+  condition group of its own, weighted by the extra entries of `weights`
+  (generate_multi_guided; a finished target without a weight adds nothing,
+  as its zip of weights and conditions drops it).
 """
 from __future__ import annotations
 
@@ -149,34 +162,45 @@ class Sampler:
     return jax.tree.map(jnp.asarray, state)
 
   # ---- one forward ----------------------------------------------------------------------------
-  def _batch(self, state: State, target: str, given: Sequence[str], decode=None) -> dict:
+  def _batch(self, state: State, target: str, given: Sequence[str], decode=None,
+             empty: Sequence[str] = ()) -> dict:
     """The model's batch: `given` modalities as inputs where known, the target's known tokens
     as inputs and its `decode` positions (default: every unknown one) as decoder targets,
-    attending to each other."""
+    attending to each other. `empty` modalities are given in the official empty form
+    whatever the state holds: a sequence as its [S_1] sentinel alone, an embedding sequence
+    as one zero vector."""
     unknown = state[target]["input_mask"] if decode is None else decode
     batch = {}
     for name, m in self.modalities.items():
       b, n = state[name]["input_mask"].shape
       visible = name == target or name in given
       in_mask = state[name]["input_mask"] if visible else jnp.ones((b, n), bool)
+      tensor = state[name]["tensor"]
+      if name in empty:
+        if m.kind not in ("seq", "seq_emb"):
+          raise ValueError(f"{name} is a {m.kind} modality; only sequences have an empty form")
+        in_mask = jnp.broadcast_to(jnp.arange(n) != 0, (b, n))
+        tensor = (tensor.at[:, 0].set(SENTINEL_BASE + 1) if m.kind == "seq"
+                  else jnp.zeros_like(tensor))
       tgt_mask = ~unknown if name == target else jnp.ones((b, n), bool)
       att = jnp.zeros((b, n), jnp.int32)
       if name == target:
         first = jnp.argmax(unknown, axis=1)
         att = att.at[jnp.arange(b), first].set(jnp.sum(unknown, axis=1).astype(jnp.int32))
-      batch[name] = {"tensor": state[name]["tensor"], "input_mask": in_mask,
+      batch[name] = {"tensor": tensor, "input_mask": in_mask,
                      "target_mask": tgt_mask, "decoder_attention_mask": att}
     return batch
 
-  def encoder_tokens(self, state: State, target: str) -> int:
+  def encoder_tokens(self, state: State, target: str, empty: Sequence[str] = ()) -> int:
     """Encoder length for decoding `target` from `state`: the fixed `num_encoder_tokens`, or
-    the most tokens it can be given (the known tokens of the other inputs, plus all of the
-    target's if it is an input) rounded up to a multiple of 64, so that a handful of
-    lengths (compilations) serve every schedule."""
+    the most tokens it can be given (the known tokens of the other inputs, one for each
+    other `empty` one, plus all of the target's if it is an input) rounded up to a multiple
+    of 64, so that a handful of lengths (compilations) serve every schedule."""
     if self.num_encoder_tokens:
       return self.num_encoder_tokens
     n = sum(int(np.max(np.sum(~np.asarray(state[m]["input_mask"]), axis=1)))
             for m in self.input_names if m != target)
+    n += sum(1 for m in empty if m != target)
     if target in self.input_names:
       n += self._length(self.modalities[target])
     return int(min(max(64, -(-n // 64) * 64), self.max_encoder_tokens))
@@ -195,7 +219,8 @@ class Sampler:
   def slot_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
                   weights=None, num_encoder_tokens: int | None = None,
                   num_decoder_tokens: int | None = None, decode=None,
-                  uncond_encoder_tokens: int | None = None):
+                  uncond_encoder_tokens: int | None = None, empty: Sequence[str] = (),
+                  uncond_empty: Sequence[str] = ()):
     """The decoder's logits for the positions of an image-like `target` it decodes.
 
     decode: bool [B, N], the positions to decode (default: every unknown one); the decoder
@@ -204,7 +229,9 @@ class Sampler:
     group) the logits are the guided combination with the unconditional pass (groups + one
     empty group); the conditional passes run as one batched forward, and the unconditional one
     too unless `uncond_encoder_tokens` gives it its own (shorter) encoder length, when it runs
-    apart; without weights, groups must be one group.
+    apart; without weights, groups must be one group. empty: modalities given in their empty
+    form ([S_1] alone, see `_batch`) in every pass; uncond_empty: more of them in the
+    unconditional pass only (classifier-free guidance's emptied sequence conditions).
 
     Returns (logits [B, S, V] float32, position int [B, S] of each slot, valid bool [B, S]:
     the slot holds a position to decode), S = num_decoder_tokens.
@@ -219,39 +246,44 @@ class Sampler:
     n_enc = num_encoder_tokens or self.num_encoder_tokens or self.max_encoder_tokens
 
     def forward(variants, encoder_tokens):     # -> [len(variants), B, S, V]
-      batches = [self._batch(state, target, g, decode) for g in variants]
+      batches = [self._batch(state, target, g, decode, e) for g, e in variants]
       batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
       y, _, _, _ = self.model.apply(variables, batch, encoder_tokens, n_dec)
       logits = self.model.apply(variables, y, target, method=self.model.logits)
       return logits.reshape(len(variants), -1, *logits.shape[1:])
 
+    conds = [(g, tuple(empty)) for g in groups]
+    uncond = [((), tuple(empty) + tuple(uncond_empty))]
     if weights is None:
-      logits = forward(list(groups), n_enc)[0]
+      logits = forward(conds, n_enc)[0]
     elif uncond_encoder_tokens:     # the unconditional pass at its own length
-      logits = guide(jnp.concatenate([forward(list(groups), n_enc),
-                                      forward([()], uncond_encoder_tokens)]), weights)
+      logits = guide(jnp.concatenate([forward(conds, n_enc),
+                                      forward(uncond, uncond_encoder_tokens)]), weights)
     else:
-      logits = guide(forward(list(groups) + [()], n_enc), weights)
+      logits = guide(forward(conds + uncond, n_enc), weights)
     position = jnp.argsort(~decode, axis=1, stable=True)[:, :n_dec]   # decoded positions first
     valid = jnp.arange(n_dec)[None, :] < jnp.sum(decode, axis=1, keepdims=True)
     return logits, position, valid
 
   def target_logits(self, params, state: State, target: str, groups: Sequence[Sequence[str]],
                     weights=None, num_encoder_tokens: int | None = None,
-                    num_decoder_tokens: int | None = None):
+                    num_decoder_tokens: int | None = None, empty: Sequence[str] = (),
+                    uncond_empty: Sequence[str] = ()):
     """Logits [B, N, V] of every position of an image-like `target` (float32), from
     `slot_logits`: the unknown positions' (the first `num_decoder_tokens` of them); the known
     positions hold some unknown position's logits."""
     logits, position, _ = self.slot_logits(params, state, target, groups, weights,
-                                           num_encoder_tokens, num_decoder_tokens)
+                                           num_encoder_tokens, num_decoder_tokens,
+                                           empty=empty, uncond_empty=uncond_empty)
     slot = jnp.minimum(jnp.argsort(jnp.argsort(~state[target]["input_mask"], axis=1,
                                                stable=True), axis=1), position.shape[1] - 1)
     return jnp.take_along_axis(logits, slot[..., None], axis=1)
 
   # ---- one decoding step ----------------------------------------------------------------------
   def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int,
-               n_dec: int, n_enc_uncond: int | None = None):
-    key = (target, scheme, groups, guided, n_enc, n_dec, n_enc_uncond)
+               n_dec: int, n_enc_uncond: int | None = None, empty: tuple = (),
+               uncond_empty: tuple = ()):
+    key = (target, scheme, groups, guided, n_enc, n_dec, n_enc_uncond, empty, uncond_empty)
     if key not in self._steps:
       def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
         self.traces += 1          # runs once per compilation
@@ -264,7 +296,7 @@ class Sampler:
           decode = unknown
         logits, position, valid = self.slot_logits(
             params, state, target, groups, weights if guided else None, n_enc, n_dec, decode,
-            n_enc_uncond)
+            n_enc_uncond, empty, uncond_empty)
         logits = filter_logits(logits, top_k, top_p)
         greedy = temperature <= 1e-6
         scaled = logits / jnp.where(greedy, 1.0, temperature)
@@ -288,20 +320,21 @@ class Sampler:
     return self._steps[key]
 
   # ---- left-to-right decoding of a sequence ---------------------------------------------------
-  def _ar_fn(self, target: str, groups: tuple, guided: bool, n_enc: int):
-    key = (target, "autoregressive", groups, guided, n_enc)
+  def _ar_fn(self, target: str, groups: tuple, guided: bool, n_enc: int, empty: tuple = (),
+             uncond_empty: tuple = ()):
+    key = (target, "autoregressive", groups, guided, n_enc, empty, uncond_empty)
     if key not in self._steps:
       m = self.modalities[target]
       dec = self.model.clone(remat="none")
       length = m.length
-      variants = list(groups) + ([()] if guided else [])
+      variants = [(g, empty) for g in groups] + ([((), empty + uncond_empty)] if guided else [])
 
       def run(params, state, rng, temperature, top_k, top_p, weights):
         self.traces += 1
         variables = {"params": params}
         # the conditional variants and the unconditional one, decoded side by side
         batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0),
-                             *[self._batch(state, target, g) for g in variants])
+                             *[self._batch(state, target, g, None, e) for g, e in variants])
         ctx, valid = dec.apply(variables, batch, n_enc, method=dec.decoder_context)
         b, k = state[target]["tensor"].shape[0], len(variants)
         tile = lambda tok: jnp.tile(tok, k)
@@ -341,66 +374,86 @@ class Sampler:
       self._steps[key] = jax.jit(run)
     return self._steps[key]
 
+  def _unknown(self, state: State, name: str) -> bool:
+    return bool(np.all(np.asarray(state[name]["input_mask"])))
+
   def generate(self, state: State, schedule: Sequence[schedules.Step], rng: jax.Array,
                conditions: Sequence[Sequence[str]] | None = None,
                weights: Sequence[float] | None = None) -> State:
     """Runs `schedule` on `state`; returns the new state (decoded tokens known).
 
-    conditions / weights: multimodal weighted guidance (one group of modality names per
-    weight); by default each step's `guidance` scale applies to one group of every modality
-    known when the target's decoding starts (classifier-free guidance when != 1).
+    By default each step's `guidance` scale is classifier-free guidance (when != 1) with one
+    group of every modality known when the target's decoding starts. conditions / weights:
+    multimodal weighted guidance instead, one group of modality names per weight; weights
+    beyond the groups weigh the targets of the schedule as they finish, in order (the
+    first extra weight the first finished target, ...), each a condition group of its own for
+    the later targets, as ml-4m's generate_multi_guided chains them.
     """
-    if conditions is not None and (weights is None or len(weights) != len(conditions)):
-      raise ValueError("give one weight per condition group")
-    current, groups, guided = None, None, False
+    targets = list(dict.fromkeys(s.target for s in schedule))
+    if conditions is not None:
+      if weights is None or not len(conditions) <= len(weights) < len(conditions) + len(targets):
+        raise ValueError(f"give one weight per condition group ({len(conditions)}), and at most "
+                         f"one more for each target that finishes before the last "
+                         f"({len(targets) - 1}); got {None if weights is None else len(weights)}")
+    # sequences still to be generated give the encoder their [S_1] (official empty targets)
+    seq_targets = [t for t in targets if t in self.input_names and
+                   self.modalities[t].kind == "seq"]
+    current, previous, finished = None, None, []
+    groups, guided, empty, uncond_empty = None, False, (), ()
     for i, step in enumerate(schedule):
       if step.target not in [m.name for m in self.model.targets]:
         raise ValueError(f"{step.target!r} is not a target of the model")
+      if previous is not None and step.target != previous and previous not in finished:
+        finished.append(previous)
+      previous = step.target
+      if step.target != current or step.scheme == "autoregressive":
+        current = step.target
+        empty = tuple(t for t in seq_targets if self._unknown(state, t))
+        known = tuple(n for n in self.input_names if n != current and n not in empty and
+                      not self._unknown(state, n))
+        if conditions is not None:
+          extra = len(weights) - len(conditions)
+          groups = (tuple(tuple(g) for g in conditions) +
+                    tuple((t,) for t in finished[:extra]))
+          guided, uncond_empty = True, ()
+          w = np.asarray(weights[:len(groups)], np.float32)
+        else:
+          groups = (known,)
+          guided = any(s.guidance != 1.0 for s in schedule if s.target == current)
+          # the unconditional pass: sequence conditions as [S_1], embedding ones one zero vector
+          uncond_empty = tuple(n for n in known if self.modalities[n].kind in ("seq", "seq_emb"))
+        enc_known, own_known, unknown = self._known_counts(state, current)
+        decoded = 0
+      if conditions is None:
+        w = np.array([step.guidance], np.float32)
       if step.scheme == "autoregressive":
         if self.modalities[step.target].kind != "seq":
           raise ValueError(f"{step.target} is not a sequence; decode it with maskgit or roar")
-        if not bool(np.all(np.asarray(state[step.target]["input_mask"]))):
+        if not self._unknown(state, step.target):
           raise NotImplementedError(f"{step.target} is given in part: filling sentinel spans "
                                     "of a given sequence is not supported; give it whole or "
                                     "not at all")
-        known = tuple(n for n in self.input_names if n != step.target and
-                      not bool(np.all(np.asarray(state[n]["input_mask"]))))
-        if conditions is not None:
-          groups, guided = tuple(tuple(g) for g in conditions), True
-          w = np.asarray(weights, np.float32)
-        else:
-          groups, guided = (known,), step.guidance != 1.0
-          w = np.array([step.guidance], np.float32)
-        fn = self._ar_fn(step.target, groups, guided, self.encoder_tokens(state, step.target))
+        fn = self._ar_fn(step.target, groups, step.guidance != 1.0 if conditions is None
+                         else True, self.encoder_tokens(state, step.target, empty), empty,
+                         uncond_empty)
         state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
                    jnp.int32(step.top_k), jnp.float32(step.top_p), jnp.asarray(w))
-        current = None
         continue
-      if step.target != current:
-        current = step.target
-        known = [n for n in self.input_names if n != current and
-                 not bool(np.all(np.asarray(state[n]["input_mask"])))]
-        enc_known, own_known, unknown = self._known_counts(state, current)
-        decoded = 0
-        if conditions is not None:
-          groups, guided = tuple(tuple(g) for g in conditions), True
-          w = np.asarray(weights, np.float32)
-        else:
-          groups = (tuple(known),)
-          guided = any(s.guidance != 1.0 for s in schedule if s.target == current)
-      if conditions is None:
-        w = np.array([step.guidance], np.float32)
-      # this step's exact lengths, known before sampling: the encoder gets the given tokens
-      # and the target's tokens decoded so far, the decoder its still unknown positions
-      n_enc = self.num_encoder_tokens or int(min(max(enc_known + decoded, 1),
+      # this step's exact lengths, known before sampling: the encoder gets the given tokens,
+      # the target's tokens decoded so far and the empty sequences' [S_1], the decoder the
+      # target's still unknown positions
+      n_enc = self.num_encoder_tokens or int(min(max(enc_known + decoded + len(empty), 1),
                                                  self.max_encoder_tokens))
       n_dec = max(unknown - decoded, 1)
       if step.scheme == "roar":      # the decoder gets only the n chosen positions
         n_dec = max(min(step.num_tokens, n_dec), 1)
-      # guided: the unconditional pass's encoder holds only the target's own known tokens
-      n_uncond = (None if not guided or self.num_encoder_tokens else
-                  int(min(max(own_known + decoded, 1), self.max_encoder_tokens)))
-      fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec, n_uncond)
+      # guided: the unconditional pass's encoder holds the target's own known tokens and
+      # the empty forms
+      n_uncond = (None if not guided or self.num_encoder_tokens else int(min(
+          max(own_known + decoded + len(empty) + len(uncond_empty), 1),
+          self.max_encoder_tokens)))
+      fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec, n_uncond, empty,
+                         uncond_empty)
       decoded += step.num_tokens
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
                  jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),
