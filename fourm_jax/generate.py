@@ -9,19 +9,45 @@ Conditions are `MODALITY:VALUE`: a caption's text, an image file (PNG/JPEG)
 for RGB (the pixel input if the model has one, else RGB tokens through the
 RGB tokenizer) or for any image-like modality with a tokenizer, or a .npy of
 tokens. Targets are decoded in the order given (chained: each finished one
-conditions the next), image-like ones with MaskGIT (or --scheme=roar),
-sequences left to right. Short names resolve to the model's modalities
-(`depth` -> `tok_depth@224`). Writes generations.png (fourm_jax.figure: a
-header naming each column, one row per sample, the conditions then the targets,
-images enlarged to at least 128 px, sequences and text conditions as wrapped
-text), generations.json (the columns, the sequences as text, the settings) and
+conditions the next), image-like ones with MaskGIT (or --scheme=roar) in
+--steps steps, sequences left to right. Short names resolve to the model's
+modalities (`depth` -> `tok_depth@224`).
+
+A per-target schedule replaces --targets/--scheme/--steps/--temperature:
+
+  --schedule=tok_depth@224:maskgit:8:0.5,caption:ar:1:0.7
+
+is TARGET:SCHEME:STEPS:TEMPERATURE per target, in decoding order (SCHEME:
+maskgit, roar, or ar = autoregressive, which decodes a sequence whole, so its
+STEPS is ignored). --schedule may instead name a JSON file holding a list of
+such entries as objects with the keys target, scheme, steps, temperature and,
+optionally, token_schedule (cosine | linear; ROAR always linear),
+temperature_schedule (constant | linear | onex:MIN:POWER), top_k, top_p,
+guidance and guidance_schedule (constant | cosine); keys left out take the
+flags' values (steps: --steps).
+
+Guidance: --guidance=S is classifier-free guidance with scale S (1: none):
+the unconditional pass empties every condition and every finished target (an
+image gives nothing, a sequence its [S_1] alone), as the official sampler
+does. --condition_weights=MODALITY:W,... is multimodal weighted guidance
+instead: logits = uncond + sum_i W_i (cond_i - uncond), one term per
+condition (every --condition needs a weight; weights may be negative), and a
+target named there becomes, once decoded, a condition of its own with that
+weight for the targets after it.
+
+Writes generations.png (fourm_jax.figure: a header naming each column, one row
+per sample, the conditions then the targets, images enlarged to at least 128
+px, sequences and text conditions as wrapped text), generations.json (the
+columns, the sequences as text, the settings, the decoding steps) and
 tokens.npz.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -148,10 +174,112 @@ def condition_columns(conditions, model, drawn: dict, n: int) -> list:
           for name, value in values.items()]
 
 
+SCHEME_NAMES = {"maskgit": "maskgit", "roar": "roar", "ar": "autoregressive",
+                "autoregressive": "autoregressive"}
+ENTRY_KEYS = ("target", "scheme", "steps", "temperature", "token_schedule",
+              "temperature_schedule", "top_k", "top_p", "guidance", "guidance_schedule")
+
+
+def parse_schedule(spec: str) -> list[dict]:
+  """--schedule -> one dict per target: 'T:SCHEME:STEPS:TEMP,...' or a JSON file's list."""
+  path = epath.Path(spec)
+  if spec.endswith(".json") or (":" not in spec and path.exists()):
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+      raise ValueError(f"--schedule={spec}: expected a JSON list of objects")
+    for e in entries:
+      unknown = sorted(set(e) - set(ENTRY_KEYS))
+      if unknown or "target" not in e:
+        raise ValueError(f"--schedule={spec}: entry {e} needs 'target' and knows only "
+                         f"{list(ENTRY_KEYS)} (unknown: {unknown})")
+    return [dict(e) for e in entries]
+  entries = []
+  for item in spec.split(","):
+    parts = item.rsplit(":", 3)     # a target name may hold ':' only before the last three
+    if len(parts) != 4:
+      raise ValueError(f"--schedule entry {item!r}: expected TARGET:SCHEME:STEPS:TEMPERATURE")
+    target, scheme, steps, temp = parts
+    try:
+      entries.append({"target": target, "scheme": scheme, "steps": int(steps),
+                      "temperature": float(temp)})
+    except ValueError:
+      raise ValueError(f"--schedule entry {item!r}: STEPS must be an integer and "
+                       "TEMPERATURE a number") from None
+  return entries
+
+
+def build_plan(entries, modalities: dict, steps: int = 8, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 0.0, guidance: float = 1.0):
+  """Schedule entries (parse_schedule's) -> (target names, [schedules.Step]); `modalities`:
+  the model's targets by name; left-out entry keys take these defaults."""
+  names, plan = [], []
+  for e in entries:
+    name = resolve(e["target"], list(modalities))
+    m = modalities[name]
+    scheme = SCHEME_NAMES.get(str(e.get("scheme", "ar" if m.kind == "seq" else "maskgit")))
+    if scheme is None:
+      raise ValueError(f"target {name}: unknown scheme {e.get('scheme')!r}; use maskgit, "
+                       "roar or ar")
+    if (scheme == "autoregressive") != (m.kind == "seq"):
+      raise ValueError(f"target {name} is a {m.kind} modality: decode "
+                       + ("it with ar" if m.kind == "seq" else "it with maskgit or roar"))
+    count = m.length if m.kind == "seq" else m.num_tokens
+    names.append(name)
+    plan.extend(schedules.chained(
+        [name], [count], [scheme], [int(e.get("steps", steps))],
+        token_schedules=[e["token_schedule"]] if "token_schedule" in e else [],
+        temperatures=[float(e.get("temperature", temperature))],
+        temperature_schedules=[e.get("temperature_schedule", "constant")],
+        top_k=[int(e.get("top_k", top_k))], top_p=[float(e.get("top_p", top_p))],
+        guidance=[float(e.get("guidance", guidance))],
+        guidance_schedules=[e.get("guidance_schedule", "constant")]))
+  return names, plan
+
+
+def _weighted(key: str, conditions, targets) -> str:
+  """A --condition_weights name: a condition's first, else a target's."""
+  for names in (conditions, targets):
+    try:
+      return resolve(key, names)
+    except ValueError:
+      pass
+  raise ValueError(f"--condition_weights names {key!r}, neither a condition ({list(conditions)}) "
+                   f"nor a target ({list(targets)})")
+
+
+def guidance_weights(spec: str, conditions: Sequence[str], targets: Sequence[str]):
+  """--condition_weights 'MOD:W,...' -> (condition groups, weights) for Sampler.generate:
+  one group per condition (every one needs a weight), then weights of the targets that
+  finish before the last, in decoding order (0 for one left out). `conditions`, `targets`:
+  the model's modality names; the spec's names are resolved among them."""
+  given = {}
+  for item in spec.split(","):
+    key, sep, value = item.rpartition(":")
+    try:
+      w = float(value)
+    except ValueError:
+      w = None
+    if not sep or w is None:
+      raise ValueError(f"--condition_weights entry {item!r}: expected MODALITY:WEIGHT")
+    given[_weighted(key, conditions, targets)] = w
+  missing = [c for c in conditions if c not in given]
+  if missing:
+    raise ValueError(f"--condition_weights gives no weight to the conditions {missing}")
+  extra = [given.get(t, 0.0) for t in targets[:-1]]
+  while extra and extra[-1] == 0.0 and targets[len(extra) - 1] not in given:
+    extra.pop()
+  if targets and targets[-1] in given and targets[-1] not in conditions:
+    raise ValueError(f"--condition_weights weighs {targets[-1]}, the last target: nothing is "
+                     "decoded after it")
+  return [(c,) for c in conditions], [given[c] for c in conditions] + extra
+
+
 def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tokenizer="",
         num_samples: int = 4, steps: int = 8, scheme: str = "maskgit",
         temperature: float = 1.0, guidance: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-        seed: int = 0) -> dict:
+        seed: int = 0, schedule: str = "", condition_weights: str = "") -> dict:
+  """Generates `targets` (or the per-target `schedule`, see the module docstring) from
+  `conditions` and writes the figure, the JSON and the tokens to `out`."""
   from fourm_jax import load as load_lib
   from tokenizers_jax import text
   from tokenizers_jax.tokenize import Tokenizer
@@ -163,22 +291,25 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
   text_tok = text.load(text_tokenizer) if text_tokenizer else None
   given, drawn = build_conditions(conditions, model, num_samples, tokenizers, text_tok)
   sampler = sampler_lib.Sampler(model, params)
-  target_names = [resolve(t, [m.name for m in model.targets]) for t in targets]
-  plan = []
+  if schedule:
+    entries = parse_schedule(schedule)
+  else:     # sequences left to right, image-like targets with --scheme
+    names = [m.name for m in model.targets]
+    entries = [{"target": t} if sampler.modalities[resolve(t, names)].kind == "seq" else
+               {"target": t, "scheme": scheme} for t in targets]
+  target_names, plan = build_plan(entries, {m.name: m for m in model.targets}, steps,
+                                  temperature, top_k, top_p, guidance)
   for name in target_names:
-    m = sampler.modalities[name]
-    if m.kind == "seq":
-      plan.append(schedules.Step(name, "autoregressive", m.length, temperature, top_k, top_p,
-                                 guidance))
-    else:
-      if not tokenizer_kind(name) in tokenizers:
-        raise ValueError(f"target {name}: no --tokenizers entry to detokenize it "
-                         f"({tokenizer_kind(name) or 'unknown kind'})")
-      plan.extend(schedules.chained([name], [m.num_tokens], [scheme], [steps],
-                                    temperatures=[temperature], guidance=[guidance],
-                                    top_k=[top_k], top_p=[top_p]))
+    if sampler.modalities[name].kind != "seq" and tokenizer_kind(name) not in tokenizers:
+      raise ValueError(f"target {name}: no --tokenizers entry to detokenize it "
+                       f"({tokenizer_kind(name) or 'unknown kind'})")
+  groups = weights = None
+  if condition_weights:
+    cond_names = list(dict.fromkeys(condition_modality(c.partition(":")[0], model)
+                                    for c in conditions))
+    groups, weights = guidance_weights(condition_weights, cond_names, target_names)
   state = sampler.init_state(num_samples, given)
-  state = sampler.generate(state, plan, jax.random.key(seed))
+  state = sampler.generate(state, plan, jax.random.key(seed), groups, weights)
   out_dir = epath.Path(out)   # local or gs://...
   out_dir.mkdir(parents=True, exist_ok=True)
   images, sequences, tokens = {}, {}, {}
@@ -211,7 +342,9 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
             "titles": [title for _, (title, _, _) in columns], "sequences": sequences,
             "settings": {"num_samples": num_samples, "steps": steps, "scheme": scheme,
                          "temperature": temperature, "guidance": guidance, "top_k": top_k,
-                         "top_p": top_p, "seed": seed},
+                         "top_p": top_p, "seed": seed, "schedule": schedule,
+                         "condition_weights": condition_weights},
+            "plan": [dataclasses.asdict(s) for s in plan],
             "compilations": sampler.traces}
   (out_dir / "generations.json").write_text(json.dumps(result, indent=2))
   return result
@@ -222,13 +355,17 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)     # no checkpoint-library chatter
   f = flags.FLAGS
-  if not f.workdir or not f.targets or not f.out:
-    print("error: --workdir, --targets and --out are required", file=sys.stderr)
+  if not f.workdir or not (f.targets or f.schedule) or not f.out:
+    print("error: --workdir, --targets (or --schedule) and --out are required", file=sys.stderr)
+    sys.exit(2)
+  if f.targets and f.schedule:
+    print("error: give --targets or --schedule, not both", file=sys.stderr)
     sys.exit(2)
   try:
-    result = run(f.workdir, f.condition, f.targets.split(","), f.out,
+    result = run(f.workdir, f.condition, [t for t in f.targets.split(",") if t], f.out,
                  [d for d in f.tokenizers.split(",") if d], f.text_tokenizer, f.num_samples,
-                 f.steps, f.scheme, f.temperature, f.guidance, f.top_k, f.top_p, f.seed)
+                 f.steps, f.scheme, f.temperature, f.guidance, f.top_k, f.top_p, f.seed,
+                 f.schedule, f.condition_weights)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -251,7 +388,15 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 8, "Decoding steps per image-like target.")
   flags.DEFINE_enum("scheme", "maskgit", ["maskgit", "roar"], "Image-like decoding scheme.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy).")
-  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: none).")
+  flags.DEFINE_string("schedule", "", "Per-target schedule instead of --targets: "
+                      "TARGET:SCHEME:STEPS:TEMPERATURE,... (SCHEME maskgit, roar or ar), e.g. "
+                      "tok_depth@224:maskgit:8:0.5,caption:ar:1:0.7, or a JSON file of "
+                      "entries (see the module docstring).")
+  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: none); empties "
+                     "the conditions in the unconditional pass as the official sampler does.")
+  flags.DEFINE_string("condition_weights", "", "Multimodal weighted guidance, MODALITY:WEIGHT,"
+                      "...: one weight per --condition (may be negative); a target named here "
+                      "conditions the later targets with its weight once decoded.")
   flags.DEFINE_integer("top_k", 0, "Top-k filtering (0: off).")
   flags.DEFINE_float("top_p", 0.0, "Nucleus filtering (0: off).")
   flags.DEFINE_integer("seed", 0, "Random seed.")

@@ -173,7 +173,8 @@ def test_filtering_keeps_the_top_tokens():
 
 
 def _uncached_greedy(sampler, state, target, steps):
-  """Reference: the full decoder at every step (the training forward), greedy."""
+  """Reference: the full decoder at every step (the training forward), greedy; the encoder
+  gets the target's [S_1] (slot 0), as ml-4m's empty target sequence gives it."""
   model, m = sampler.model, sampler.modalities[target]
   n = sampler._length(m)
   seq = [masking_sentinel()]
@@ -186,7 +187,8 @@ def _uncached_greedy(sampler, state, target, steps):
     tgt_mask = np.ones((b, n), bool)
     tgt_mask[:, :t + 1] = False                      # one more slot: the token to predict
     batch = sampler._batch(state, target, (RGB,))
-    batch[target] = {"tensor": jnp.asarray(tensor), "input_mask": jnp.ones((b, n), bool),
+    batch[target] = {"tensor": jnp.asarray(tensor),
+                     "input_mask": jnp.asarray(np.broadcast_to(np.arange(n) != 0, (b, n))),
                      "target_mask": jnp.asarray(tgt_mask),
                      "decoder_attention_mask": jnp.ones((b, n), jnp.int32)}
     y, _, _, valid = model.apply({"params": sampler.params}, batch, sampler.max_encoder_tokens,
@@ -323,3 +325,39 @@ def test_the_unconditional_pass_at_its_own_length_gives_the_same_guided_logits(s
   apart, _, _ = sampler.slot_logits(sampler.params, state, DEPTH, [(RGB,)], w, enc, dec,
                                     uncond_encoder_tokens=own)
   np.testing.assert_allclose(apart, batched, atol=2e-5)
+
+
+def test_generate_cli_schedule_and_weights_parse_into_steps(tmp_path):
+  """--schedule 'TARGET:SCHEME:STEPS:TEMP,...' (or a JSON file of entries) and
+  --condition_weights, without a model: the steps are chained's (depth: 4 maskgit steps,
+  cosine over 16 tokens: c = 1, .854, .5, .146 -> round(2.34, 5.66, 5.66) = 2 6 6 and the
+  rest 2; the caption one left-to-right step); weights: one per condition, then one per
+  target finishing before the last."""
+  import json
+  from fourm_jax import generate
+  targets = {n: REG[n] for n in (DEPTH, "caption", RGB)}
+  entries = generate.parse_schedule("depth:maskgit:4:0.5,caption:ar:1:0.7")
+  names, plan = generate.build_plan(entries, targets, guidance=2.0)
+  assert names == [DEPTH, "caption"]
+  assert [(s.target, s.scheme, s.num_tokens, s.temperature, s.guidance) for s in plan] == [
+      (DEPTH, "maskgit", 2, 0.5, 2.0), (DEPTH, "maskgit", 6, 0.5, 2.0),
+      (DEPTH, "maskgit", 6, 0.5, 2.0), (DEPTH, "maskgit", 2, 0.5, 2.0),
+      ("caption", "autoregressive", 12, 0.7, 2.0)]
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps([{"target": RGB, "scheme": "roar", "steps": 5, "temperature": 1.0,
+                               "temperature_schedule": "linear", "guidance": 3.0}]))
+  names, plan = generate.build_plan(generate.parse_schedule(str(path)), targets)
+  # ROAR's official linear split of 16 in 5: 4 3 3 3 3; linear temperature 1, 12/16, ...
+  assert [s.num_tokens for s in plan] == [4, 3, 3, 3, 3]
+  np.testing.assert_allclose([s.temperature for s in plan], [1, .75, .5625, .375, .1875])
+  assert {s.guidance for s in plan} == {3.0}
+  for bad, match in (("depth:maskgit:4", "TARGET:SCHEME"), ("depth:beam:4:1", "unknown scheme"),
+                     ("caption:maskgit:4:1", "decode it with ar")):
+    with pytest.raises(ValueError, match=match):
+      generate.build_plan(generate.parse_schedule(bad), targets)
+  groups, weights = generate.guidance_weights("caption:3,rgb:-1,depth:1.5", ["caption", RGB],
+                                              [DEPTH, "tok_normal@32"])
+  assert groups == [("caption",), (RGB,)] and weights == [3.0, -1.0, 1.5]
+  assert generate.guidance_weights("caption:3", ["caption"], [DEPTH, RGB])[1] == [3.0]
+  with pytest.raises(ValueError, match="no weight to the conditions"):
+    generate.guidance_weights("caption:3", ["caption", RGB], [DEPTH])
