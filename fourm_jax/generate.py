@@ -39,7 +39,9 @@ Writes generations.png (fourm_jax.figure: a header naming each column, one row
 per sample, the conditions then the targets, images enlarged to at least 128
 px, sequences and text conditions as wrapped text), generations.json (the
 columns, the sequences as text, the settings, the decoding steps) and
-tokens.npz.
+tokens.npz; a global-embedding target (tok_dinov2_global, ...) is shown as its
+tokens, and with an MLP tokenizer among --tokenizers (modality 'global') also
+detokenized into embeddings.npz.
 """
 from __future__ import annotations
 
@@ -75,7 +77,10 @@ def resolve(name: str, names) -> str:
 
 
 def tokenizer_kind(modality: str) -> str:
-  return TOKENIZER_OF.get(modality.split("@")[0].removeprefix("tok_"), "")
+  stem = modality.split("@")[0].removeprefix("tok_")
+  if stem.endswith("_global"):      # tok_dinov2_global, tok_aim_global: an MLP tokenizer's
+    return "global"
+  return TOKENIZER_OF.get(stem, "")
 
 
 def visualize(kind: str, values: np.ndarray) -> np.ndarray:
@@ -299,8 +304,9 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
                {"target": t, "scheme": scheme} for t in targets]
   target_names, plan = build_plan(entries, {m.name: m for m in model.targets}, steps,
                                   temperature, top_k, top_p, guidance)
-  for name in target_names:
-    if sampler.modalities[name].kind != "seq" and tokenizer_kind(name) not in tokenizers:
+  for name in target_names:      # global tokens are written without a tokenizer too
+    if (sampler.modalities[name].kind not in ("seq", "global")
+        and tokenizer_kind(name) not in tokenizers):
       raise ValueError(f"target {name}: no --tokenizers entry to detokenize it "
                        f"({tokenizer_kind(name) or 'unknown kind'})")
   groups = weights = None
@@ -312,13 +318,22 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
   state = sampler.generate(state, plan, jax.random.key(seed), groups, weights)
   out_dir = epath.Path(out)   # local or gs://...
   out_dir.mkdir(parents=True, exist_ok=True)
-  images, sequences, tokens = {}, {}, {}
+  images, sequences, tokens, embeddings = {}, {}, {}, {}
   for name in target_names:
     m = sampler.modalities[name]
     t = np.asarray(state[name]["tensor"])
     tokens[name] = t
     if m.kind == "seq":
       sequences[name] = [text.decode(text_tok, row) if text_tok else row.tolist() for row in t]
+    elif m.kind == "global":    # an embedding: its vector (with a tokenizer) and its tokens
+      texts = [f"tokens {' '.join(map(str, row))}" for row in t]
+      if "global" in tokenizers:
+        vec = np.asarray(tokenizers["global"].detokenize(t.reshape(num_samples, -1), seed=seed))
+        embeddings[name] = vec
+        texts = [f"embedding [{v.size}]: norm {np.linalg.norm(v):.3g}, first "
+                 f"{' '.join(f'{x:.2f}' for x in v.reshape(-1)[:4])} ... ({tx})"
+                 for v, tx in zip(vec, texts)]
+      sequences[name] = texts
     else:
       kind = tokenizer_kind(name)
       values = tokenizers[kind].detokenize(t.reshape(num_samples, *m.grid), seed=seed)
@@ -337,6 +352,10 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
   npz = io.BytesIO()
   np.savez(npz, **{k.replace("@", "_at_"): v for k, v in tokens.items()})
   (out_dir / "tokens.npz").write_bytes(npz.getvalue())
+  if embeddings:     # detokenized global targets, [num_samples, D] each
+    npz = io.BytesIO()
+    np.savez(npz, **{k.replace("@", "_at_"): v for k, v in embeddings.items()})
+    (out_dir / "embeddings.npz").write_bytes(npz.getvalue())
   result = {"workdir": workdir, "conditions": list(conditions), "targets": target_names,
             "columns": [name for name, _ in columns],
             "titles": [title for _, (title, _, _) in columns], "sequences": sequences,
@@ -344,6 +363,7 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
                          "temperature": temperature, "guidance": guidance, "top_k": top_k,
                          "top_p": top_p, "seed": seed, "schedule": schedule,
                          "condition_weights": condition_weights},
+            "embeddings": sorted(embeddings),
             "plan": [dataclasses.asdict(s) for s in plan],
             "compilations": sampler.traces}
   (out_dir / "generations.json").write_text(json.dumps(result, indent=2))
@@ -372,7 +392,8 @@ def main(argv):
   for name, texts in result["sequences"].items():
     for t in texts:
       print(f"{name}: {t}")
-  print(f"wrote {f.out}/generations.png, generations.json, tokens.npz")
+  print(f"wrote {f.out}/generations.png, generations.json, tokens.npz"
+        + (", embeddings.npz" if result.get("embeddings") else ""))
 
 
 if __name__ == "__main__":

@@ -180,34 +180,39 @@ def test_official_configs_the_model_cannot_represent_are_refused_by_name(tmp_pat
 
 
 TOK_SEMSEG = os.path.join(FIXTURES, "tok_vqvae_small.safetensors")
+TOK_GLOBAL = os.path.join(FIXTURES, "tok_global_small.safetensors")
 
 
 @pytest.mark.slow     # three subprocesses: about 30 s
 @needs(TOK_SEMSEG)
+@needs(TOK_GLOBAL)
 def test_a_converted_4m_generates_a_picture_through_a_converted_tokenizer(tmp_path):
   """Released weights end to end: the official segmentation VQ-VAE (the fixture: 64 px,
   4 x 4 tokens, 256 codes) through tokenizers_jax.convert, an official-layout FM whose
   semseg target matches it (our random model written by --to_official's function, with
   the config an official checkpoint carries) through fourm_jax.convert --modalities, then
-  fourm_jax.generate from an RGB picture to a semantic map PNG."""
+  fourm_jax.generate from an RGB picture to a semantic map PNG and, through the official
+  global-embedding tokenizer (tok_global_small), to an embedding."""
   from PIL import Image
   from safetensors.numpy import save_file
   from fourm_jax import modalities
-  proc = subprocess.run([sys.executable, "-m", "tokenizers_jax.convert",
-                         f"--input={TOK_SEMSEG}", "--out=tok_semseg"], cwd=tmp_path,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  for fixture, out in ((TOK_SEMSEG, "tok_semseg"), (TOK_GLOBAL, "tok_global")):
+    proc = subprocess.run([sys.executable, "-m", "tokenizers_jax.convert",
+                           f"--input={fixture}", f"--out={out}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
   rows = {"rgb@64": {"kind": "pixels", "grid": [4, 4], "patch_size": 16, "target": False},
-          "tok_semseg@64": {"kind": "image", "vocab_size": 256, "grid": [4, 4]}}
+          "tok_semseg@64": {"kind": "image", "vocab_size": 256, "grid": [4, 4]},
+          "tok_feat_global": {"kind": "global", "vocab_size": 256, "length": 16}}
   reg = convert.registry_with(rows)
-  mods = modalities.get(["rgb@64", "tok_semseg@64"], reg)
+  mods = modalities.get(["rgb@64", "tok_semseg@64", "tok_feat_global"], reg)
   model = model_lib.FourM(mods, mods[1:], dim=32, encoder_depth=1, decoder_depth=1,
                           num_heads=4, tie_embeddings=False)
   batch = {m.name: {"tensor": (jnp.zeros((1, 64, 64, 3)) if m.kind == "pixels" else
                                jnp.zeros((1, 16), jnp.int32)),
                     "input_mask": jnp.zeros((1, 16), bool), "target_mask": jnp.zeros((1, 16), bool),
                     "decoder_attention_mask": jnp.ones((1, 16), jnp.int32)} for m in mods}
-  shapes = jax.eval_shape(lambda r: model.init(r, batch, 16, 16), jax.random.key(0))
+  shapes = jax.eval_shape(lambda r: model.init(r, batch, 32, 32), jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: 0.2 * rng.standard_normal(a.shape).astype(np.float32),
                         nn.unbox(shapes["params"]))
@@ -219,11 +224,16 @@ def test_a_converted_4m_generates_a_picture_through_a_converted_tokenizer(tmp_pa
   assert rc == 0, out
   Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
   proc = subprocess.run([sys.executable, "-m", "fourm_jax.generate", "--workdir=fm",
-                         "--condition=rgb@64:in.png", "--targets=tok_semseg@64",
-                         "--tokenizers=tok_semseg", "--out=gen", "--num_samples=2"],
+                         "--condition=rgb@64:in.png", "--targets=tok_semseg@64,tok_feat_global",
+                         "--tokenizers=tok_semseg,tok_global", "--out=gen", "--num_samples=2"],
                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   png = Image.open(tmp_path / "gen" / "generations.png")
   assert png.size[0] > 64 and png.size[1] > 64
   tokens = np.load(tmp_path / "gen" / "tokens.npz")["tok_semseg_at_64"]   # npz keys: @ spelt _at_
   assert tokens.shape == (2, 16) and tokens.max() < 256
+  # the global target: its tokens through the MLP tokenizer into embeddings of its width (96)
+  emb = np.load(tmp_path / "gen" / "embeddings.npz")["tok_feat_global"]
+  assert emb.shape == (2, 96) and np.isfinite(emb).all()
+  assert json.loads((tmp_path / "gen" / "generations.json").read_text())["embeddings"] == [
+      "tok_feat_global"]
