@@ -86,8 +86,8 @@ class MLPVAE(nn.Module):
       return self.quant_proj(z)
     return z.reshape(v.shape[0], self.num_tokens, self.token_dim)
 
-  def _quantize(self, v):
-    z, aux = self.quantizer(self.latent(v))
+  def _quantize(self, v, train: bool = False):
+    z, aux = self.quantizer(self.latent(v), train=train)
     if not self.official:
       aux = dict(aux, indices=aux["indices"][..., 0])
     return z, aux
@@ -109,7 +109,8 @@ class MLPVAE(nn.Module):
     return self._decode(self.lookup(tokens))
 
   def __call__(self, v, train: bool = False):
-    z, aux = self._quantize(v)
+    """train: codes by hard Gumbel-softmax (needs a 'gumbel' rng), as the official Memcodes."""
+    z, aux = self._quantize(v, train)
     return self._decode(z), aux
 
 

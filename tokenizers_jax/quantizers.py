@@ -7,13 +7,20 @@ row (as the official Lucid cosine codebook in eval mode). The
 codebook is not a parameter: it lives in the 'vq' collection and is updated
 by exponential moving averages (decay 0.99) of the assigned latents, and
 codes whose EMA count falls below B * N_tokens / (c_replace * V) are
-restarted from random latents of the batch. Gradients reach the encoder
-through the straight-through estimator; the commitment loss pulls latents
-to their codes.
+restarted from random latents of the batch. As the official quantizer (Lucid
+VectorQuantize with norm_latents=False, the 4M default), the straight-through
+estimator and the commitment loss act on the RAW latent x, not its
+l2-normalised copy: the decoder sees the code row q, gradients pass to x as
+the identity, and the commitment loss is beta * mean over all elements of
+(x - sg(q))^2 with beta = 1 (4M Table 3). `norm_latents=True` takes both on
+the l2-normalised latent instead (the official option of that name).
 
 Memcodes (Mama et al., used by 4M-21's MLP dVAEs): quantization as one
-attention step over a learned codebook; the forward pass takes the argmax
-code and the backward pass the softmax (straight through).
+attention step over a learned codebook. Training (train=True, a 'gumbel'
+rng) draws the code by the hard Gumbel-softmax as the official one
+(temperature 1: forward the one-hot of argmax(logits + Gumbel noise),
+backward the softmax of the perturbed logits); evaluation takes the plain
+argmax, deterministic.
 
 HeadMemcodes is Memcodes as the official 4M-21 tokenizers lay it out (one
 codebook per head, the latent split across heads), which official
@@ -35,6 +42,28 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-12))
 
 
+def hard_gumbel_softmax(logits: jax.Array, rng: jax.Array, temperature: float = 1.0):
+  """Straight-through hard Gumbel-softmax over the last axis (PyTorch's
+  F.gumbel_softmax(hard=True)): returns (one-hot forward / softmax backward [..., V],
+  indices int [...]) of argmax((logits + g) / temperature), g ~ Gumbel(0, 1)."""
+  y = (logits + jax.random.gumbel(rng, logits.shape, logits.dtype)) / temperature
+  soft = jax.nn.softmax(y, axis=-1)
+  indices = jnp.argmax(y, axis=-1)
+  hard = jax.nn.one_hot(indices, logits.shape[-1], dtype=soft.dtype)
+  return hard + soft - jax.lax.stop_gradient(soft), indices
+
+
+def _pick(logits: jax.Array, train: bool, module: nn.Module, temperature: float):
+  """(straight-through one-hot [..., V], hard one-hot [..., V], indices [...]): Gumbel when
+  training (rng 'gumbel'), the argmax otherwise."""
+  if train and not module.is_initializing():
+    st, indices = hard_gumbel_softmax(logits, module.make_rng("gumbel"), temperature)
+  else:
+    indices = jnp.argmax(logits, axis=-1)
+    st = jax.nn.one_hot(indices, logits.shape[-1], dtype=logits.dtype)
+  return st, jax.nn.one_hot(indices, logits.shape[-1], dtype=logits.dtype), indices
+
+
 def usage_and_perplexity(one_hot: jax.Array, weights: jax.Array | None = None):
   """one_hot [N, V] -> (share of codes used in the batch, exp(entropy of mean assignment))."""
   w = jnp.ones(one_hot.shape[:1]) if weights is None else weights
@@ -48,13 +77,16 @@ class VectorQuantizer(nn.Module):
 
   num_codes V, code_dim D; decay: EMA decay; restart_factor: c_replace
   (a code is dead when its EMA count < N / (c_replace * V), N = latents per
-  batch); commitment: weight beta of the commitment loss.
+  batch); commitment: weight beta of the commitment loss (official 1.0);
+  norm_latents: straight-through and commitment on the l2-normalised latent
+  (official option, off by default) instead of the raw one.
   """
   num_codes: int
   code_dim: int = 32
   decay: float = 0.99
   restart_factor: float = 32.0
-  commitment: float = 0.25
+  commitment: float = 1.0
+  norm_latents: bool = False
 
   def setup(self):
     def init_codes(key):
@@ -79,7 +111,9 @@ class VectorQuantizer(nn.Module):
     'restart' rng). weights: optional [...] 0/1 mask of latents to count.
     """
     shape = z.shape
-    flat = l2_normalize(z.reshape(-1, self.code_dim).astype(jnp.float32))
+    raw = z.reshape(-1, self.code_dim).astype(jnp.float32)
+    flat = l2_normalize(raw)
+    x = flat if self.norm_latents else raw
     w = jnp.ones(flat.shape[:1]) if weights is None else weights.reshape(-1).astype(jnp.float32)
     codebook = self.codebook.value
     # cosine similarity picks the code; the raw row is the quantized vector (official 4M
@@ -89,7 +123,9 @@ class VectorQuantizer(nn.Module):
     quantized = jnp.take(codebook, indices, axis=0)
     err = jnp.sum((flat - quantized) ** 2, -1)
     norm = jnp.maximum(jnp.sum(w), 1.0)
-    commit = jnp.sum(jnp.sum((flat - jax.lax.stop_gradient(quantized)) ** 2, -1) * w) / norm
+    # F.mse_loss(sg(q), x): the mean over latents AND their code_dim elements
+    commit = jnp.sum(jnp.sum((x - jax.lax.stop_gradient(quantized)) ** 2, -1) * w) / (
+        norm * self.code_dim)
     codebook_loss = jnp.sum(err * w) / norm
     usage, perplexity = usage_and_perplexity(one_hot, w)
 
@@ -109,7 +145,7 @@ class VectorQuantizer(nn.Module):
       self.ema_count.value, self.ema_sum.value = ema_count, ema_sum
       self.codebook.value = l2_normalize(ema_sum / jnp.maximum(ema_count, _EPS)[:, None])
 
-    st = flat + jax.lax.stop_gradient(quantized - flat)
+    st = x + jax.lax.stop_gradient(quantized - x)
     aux = {"indices": indices.reshape(shape[:-1]).astype(jnp.int32),
            "commit_loss": self.commitment * commit, "codebook_loss": codebook_loss,
            "usage": usage, "perplexity": perplexity}
@@ -120,8 +156,9 @@ class Memcodes(nn.Module):
   """Attention-based quantization of [..., width] vectors over `num_codes` learned codes.
 
   Each of `heads` heads picks one code of size `dim` per input vector: logits
-  are scaled dot products of a query projection with the codes; forward uses
-  the argmax, backward the softmax. Output: the chosen codes' value
+  are scaled dot products of a query projection with the codes; training
+  picks by hard Gumbel-softmax (rng 'gumbel'), evaluation by argmax. Output:
+  the chosen codes' value
   projections, concatenated over heads and projected back to `width`.
   Indices are int32 [..., heads].
   """
@@ -129,6 +166,7 @@ class Memcodes(nn.Module):
   width: int
   dim: int = 64
   heads: int = 1
+  temperature: float = 1.0      # of the training Gumbel-softmax
 
   def setup(self):
     self.codes = self.param("codes", nn.initializers.normal(1.0),
@@ -143,13 +181,10 @@ class Memcodes(nn.Module):
     return self.to_out(picked)
 
   def __call__(self, x: jax.Array, train: bool = False, weights: jax.Array | None = None):
-    del train
     q = self.to_q(x)                                                   # [..., h, d]
     logits = jnp.einsum("...hd,hvd->...hv", q, self.codes) * self.dim ** -0.5
-    soft = jax.nn.softmax(logits, axis=-1)
-    indices = jnp.argmax(logits, axis=-1)
-    hard = jax.nn.one_hot(indices, self.num_codes, dtype=soft.dtype)
-    out = self._decode(hard + soft - jax.lax.stop_gradient(soft))
+    st, hard, indices = _pick(logits, train, self, self.temperature)
+    out = self._decode(st)
     w = None if weights is None else jnp.repeat(weights.reshape(-1), self.heads)
     usage, perplexity = usage_and_perplexity(hard.reshape(-1, self.num_codes), w)
     zero = jnp.zeros((), jnp.float32)
@@ -172,12 +207,14 @@ class HeadMemcodes(nn.Module):
   codes; the chunk's token is the argmax, its quantized value the chosen
   code's codes[h] @ to_v[h], and the heads' values concatenate back to
   [..., dim]. Weights are laid out (heads, d_in, d_out) as the official EinMix
-  ones. Training is straight-through: the argmax forward, the softmax
-  backward. Indices are int32 [..., heads].
+  ones. Training (train=True, rng 'gumbel') picks by hard Gumbel-softmax at
+  `temperature` (official: 1), evaluation by the argmax. Indices are int32
+  [..., heads].
   """
   num_codes: int
   dim: int
   heads: int = 1
+  temperature: float = 1.0
 
   def setup(self):
     d = self.dim // self.heads
@@ -197,15 +234,12 @@ class HeadMemcodes(nn.Module):
     return out.reshape(out.shape[:-2] + (self.dim,))
 
   def __call__(self, x: jax.Array, train: bool = False, weights: jax.Array | None = None):
-    del train
     d = self.dim // self.heads
     q = x.reshape(x.shape[:-1] + (self.heads, d)) * d ** -0.5
     keys = jnp.einsum("hnd,hdc->hnc", self.codes, self.to_k)
     logits = jnp.einsum("...hc,hnc->...hn", q, keys)
-    indices = jnp.argmax(logits, axis=-1)
-    hard = jax.nn.one_hot(indices, self.num_codes, dtype=logits.dtype)
-    soft = jax.nn.softmax(logits, axis=-1)
-    out = self._decode(hard + soft - jax.lax.stop_gradient(soft))
+    st, hard, indices = _pick(logits, train, self, self.temperature)
+    out = self._decode(st)
     w = None if weights is None else jnp.repeat(weights.reshape(-1), self.heads)
     usage, perplexity = usage_and_perplexity(hard.reshape(-1, self.num_codes), w)
     zero = jnp.zeros((), jnp.float32)

@@ -11,7 +11,14 @@ Data: `scenes:N` renders the modality on the fly; `arrayrecord:GLOB` reads
 the field of pseudo-labelled shards (fourm_jax.pseudo_label);
 `synthetic_poses:N` draws SMPL body poses (tokenizers_jax.poses). Targets are
 prepared per modality (`prepare`): RGB to [-1, 1], depth standardised per
-image, normals as unit vectors, segmentation as class ids, vectors as float32.
+image, normals as unit vectors, segmentation as class ids (fewer than
+model.num_classes), vectors as float32.
+
+Losses as the official run_training_vqvae.py / run_training_divae.py: the
+reconstruction loss of the modality (the diffusion decoder's on its
+prediction target: `diffusion.loss`, smooth L1 for depth and edges, MSE for
+RGB and normals) plus the quantizer's commitment loss (weight 1, MSE on the
+raw latents); the MLP dVAEs train their Memcodes by hard Gumbel-softmax.
 """
 from __future__ import annotations
 
@@ -153,6 +160,9 @@ def to_rgb(modality: str, x: np.ndarray) -> np.ndarray:
     ids = x.argmax(-1) if x.ndim == 3 else x.astype(np.int64)
     palette = np.array([(0, 0, 0), (120, 170, 230), (150, 140, 120), (220, 60, 60),
                         (60, 180, 80), (70, 90, 220), (230, 200, 50)], np.float32)
+    extra = int(np.max(ids, initial=0)) + 1 - len(palette)
+    if extra > 0:                  # more classes than the scenes' 7 (COCO: 134): fixed colours
+      palette = np.concatenate([palette, np.random.default_rng(0).uniform(40, 255, (extra, 3))])
     return palette[np.clip(ids, 0, len(palette) - 1)].astype(np.uint8)
   if modality == "sam_mask":
     x = (x.argmax(-1) if x.ndim == 3 else x).astype(np.float32)
@@ -184,6 +194,31 @@ def reconstruction_grid(modality: str, targets: np.ndarray, recons: np.ndarray) 
   return np.concatenate(tiles, axis=0)
 
 
+def modality_spec(config) -> vqvae.ModalitySpec:
+  """The ModalitySpec of config.modality with the config's feature width and class count."""
+  m = config.model
+  spec = vqvae.modality_spec(config.modality, m.get("feature_dim", 0))
+  if m.get("num_classes", 0) and spec.class_ids:   # segmentation: 7 scene classes, COCO's 134
+    spec = dataclasses.replace(spec, in_channels=m.num_classes, out_channels=m.num_classes)
+  return spec
+
+
+class _CheckClasses(grain.transforms.Map):
+  """Refuses class ids the tokenizer has no class for (they would one-hot to zeros and
+  gather NaN losses)."""
+
+  def __init__(self, num_classes: int, key: str):
+    self.num_classes, self.key = num_classes, key
+
+  def map(self, element):
+    top = int(np.max(element["x"])) if np.size(element["x"]) else 0
+    if top >= self.num_classes or int(np.min(element["x"])) < 0:
+      raise ValueError(f"{self.key}: a record holds class id {top} but the tokenizer has "
+                       f"model.num_classes={self.num_classes} (ids 0..{self.num_classes - 1}); "
+                       f"set --config.model.num_classes to the data's class count")
+    return element
+
+
 def build_model(config):
   """The tokenizer module of `config` (config.kind, default 'vqvae')."""
   kind, m = config.get("kind", "vqvae"), config.model
@@ -195,9 +230,7 @@ def build_model(config):
                        f"{sorted(VECTOR_TARGETS)}")
     return mlp_vae.MLPVAE(m.in_dim, m.num_tokens, m.num_codes, m.width, m.blocks, m.code_dim,
                           m.get("expansion", 4), m.get("official", False))
-  spec = vqvae.modality_spec(config.modality, m.get("feature_dim", 0))
-  if m.get("num_classes", 0) and spec.class_ids:   # e.g. an official COCO segmentation tokenizer
-    spec = dataclasses.replace(spec, in_channels=m.num_classes, out_channels=m.num_classes)
+  spec = modality_spec(config)
   vit = dict(mlp_ratio=m.get("mlp_ratio", 4.0), qkv_bias=m.get("qkv_bias", True),
              post_mlp=m.get("post_mlp", True))
   if kind == "diffusion":
@@ -211,17 +244,19 @@ def build_model(config):
         tuple(d.channel_mult), d.num_res_blocks, d.attn_levels, d.steps,
         tuple(d.get("attention_resolutions", ())), d.get("num_heads", 1),
         d.get("patch_size", diffusion.PATCH), d.get("beta_schedule", "linear"),
-        d.get("zero_terminal_snr", False), d.get("prediction_type", "sample"), **vit)
+        d.get("zero_terminal_snr", False), d.get("prediction_type", "sample"),
+        norm_latents=m.get("norm_latents", False), **vit)
   return vqvae.VQVAE(spec.in_channels, spec.out_channels, m.patch_size, m.width, m.enc_depth,
                      m.dec_depth, m.heads, m.num_codes, m.code_dim, spec.class_ids,
                      m.ema_decay, m.restart_factor, m.commitment,
-                     class_embed_dim=m.get("class_embed_dim", 0), **vit)
+                     class_embed_dim=m.get("class_embed_dim", 0),
+                     norm_latents=m.get("norm_latents", False), **vit)
 
 
 def _dummy_input(config):
   if config.get("kind", "vqvae") == "mlp_vae":
     return jnp.zeros((1, config.model.in_dim))
-  spec = vqvae.modality_spec(config.modality, config.model.get("feature_dim", 0))
+  spec = modality_spec(config)
   r = config.data.resolution
   if spec.class_ids:
     return jnp.zeros((1, r, r), jnp.int32)
@@ -252,8 +287,13 @@ def build_task(config) -> loop.Task:
     # Flax derives each module's init rng from its path)
     return {"vq": model.init({"params": rng}, dummy, method=model.encode)["vq"]}
 
+  spec = None if kind == "mlp_vae" else modality_spec(config)
+  diffusion_rec = config.diffusion.get("loss", "mse") if kind == "diffusion" else ""
+  if diffusion_rec and diffusion_rec not in ("mse", "l1", "smooth_l1"):
+    raise ValueError(f"config key 'diffusion.loss' must be mse, l1 or smooth_l1, got "
+                     f"{diffusion_rec!r}")
+
   def vqvae_loss(params, batch, rng, extra):
-    spec = vqvae.modality_spec(config.modality, config.model.get("feature_dim", 0))
     (pred, aux), updates = model.apply({"params": params, **extra}, batch["x"], train=True,
                                        mutable=["vq"], rngs={"restart": rng})
     rec = vqvae.reconstruction_loss(spec.loss, pred, batch["x"], spec.out_channels)
@@ -266,11 +306,10 @@ def build_task(config) -> loop.Task:
     noise = jax.random.normal(k_noise, x.shape if x.ndim == 4 else x.shape + (1,), jnp.float32)
     (pred, x0, aux), updates = model.apply({"params": params, **extra}, x, t, noise, train=True,
                                            mutable=["vq"], rngs={"restart": k_restart})
-    return jnp.mean((pred - x0) ** 2), aux, updates
+    return vqvae.reconstruction_loss(diffusion_rec, pred, x0), aux, updates
 
   def vector_loss(params, batch, rng):
-    del rng
-    pred, aux = model.apply({"params": params}, batch["x"], train=True)
+    pred, aux = model.apply({"params": params}, batch["x"], train=True, rngs={"gumbel": rng})
     rec = mlp_vae.vector_loss(VECTOR_TARGETS[config.modality], pred, batch["x"])
     return rec, {"reconstruction": rec, "codebook_usage": aux["usage"],
                  "perplexity": aux["perplexity"]}
@@ -282,15 +321,21 @@ def build_task(config) -> loop.Task:
                "codebook_usage": aux["usage"], "perplexity": aux["perplexity"]}
     return rec + aux["commit_loss"], (metrics, {"vq": updates["vq"]})
 
+  def checked(ds, split):
+    if config.modality != "semantic":
+      return ds
+    return ds.map(_CheckClasses(spec.out_channels, f"data.{split}"))
+
   def train_data(rows):
-    ds = _dataset(config.data, config.data.train, config.modality, "train")
+    ds = checked(_dataset(config.data, config.data.train, config.modality, "train"), "train")
     ds = ds.shuffle(seed=config.seed).repeat(None)
     ds = pipeline.ProcessRows(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.threads,
                                                 prefetch_buffer_size=2))
 
   def eval_data(rows):
-    ds = _dataset(config.data, config.data.eval, config.modality, "eval", config.batch_size)
+    ds = checked(_dataset(config.data, config.data.eval, config.modality, "eval",
+                          config.batch_size), "eval")
     return pipeline.ProcessRows(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
 
   if kind == "diffusion":

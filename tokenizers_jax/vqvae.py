@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pretrain_jax import positions
 from tokenizers_jax.quantizers import VectorQuantizer
 
-LOSSES = ("mse", "smooth_l1", "cross_entropy")
+LOSSES = ("mse", "l1", "smooth_l1", "cross_entropy")
 
 
 def _norm(name: str, eps: float = 1e-6):
@@ -152,18 +152,19 @@ class VQVAE(nn.Module):
   class_ids: bool = False      # inputs are int class ids [B, H, W] (one-hot encoded here)
   ema_decay: float = 0.99
   restart_factor: float = 32.0
-  commitment: float = 0.25
+  commitment: float = 1.0      # official commitment_weight (4M Table 3)
   mlp_ratio: float = 4.0
   qkv_bias: bool = True        # biases on the attention's qkv and output projections
   post_mlp: bool = True        # the residual tanh MLP closing each ViT (fourm.vq post_mlp)
   # class ids through a learned embedding of this width (official cls_emb) instead of one-hot
   class_embed_dim: int = 0
+  norm_latents: bool = False   # commitment / straight-through on l2-normalised latents
 
   def setup(self):
     vit = dict(mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, post_mlp=self.post_mlp)
     self.encoder = _ViT(self.width, self.enc_depth, self.heads, self.code_dim, **vit)
     self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, self.ema_decay,
-                                     self.restart_factor, self.commitment)
+                                     self.restart_factor, self.commitment, self.norm_latents)
     if self.class_ids and self.class_embed_dim:
       self.class_embed = nn.Embed(self.in_channels, self.class_embed_dim)
     if self.dec_depth:        # dec_depth=0: encoder and quantizer only (diffusion decoder)
@@ -221,6 +222,8 @@ def reconstruction_loss(kind: str, pred, target, num_classes: int = 0):
   """Mean per-element loss. pred [B, H, W, C]; target [B, H, W(, C)] (class ids for CE)."""
   if kind == "mse":
     return jnp.mean((pred - target.reshape(pred.shape)) ** 2)
+  if kind == "l1":
+    return jnp.mean(jnp.abs(pred - target.reshape(pred.shape)))
   if kind == "smooth_l1":
     return smooth_l1(pred, target.reshape(pred.shape))
   if kind == "cross_entropy":
