@@ -9,7 +9,8 @@ timestep embedding; it is the official fourm.vq PatchedUNetCondCat, so
 official DiVAE checkpoints load through tokenizers_jax.convert. It predicts
 x0 by default (4M), or the noise or v (`prediction_type`, as the official
 DiVAE options). Training draws t uniformly from 1000 steps of a linear (or
-squaredcos_cap_v2) beta schedule, optionally rescaled to zero terminal SNR;
+squaredcos_cap_v2) beta schedule, rescaled to zero terminal SNR as the
+official DiVAE does by default;
 sampling runs DDPM (ancestral) or DDIM (25 steps by default, eta = 0
 deterministic) on the x0 estimates as one jitted loop.
 """
@@ -294,7 +295,7 @@ class DiffusionTokenizer(nn.Module):
   code_dim: int = 32
   ema_decay: float = 0.99
   restart_factor: float = 32.0
-  commitment: float = 0.25
+  commitment: float = 1.0
   base_channels: int = 128
   channel_mult: tuple[int, ...] = (1, 2, 3, 4)
   num_res_blocks: int = 3
@@ -304,18 +305,20 @@ class DiffusionTokenizer(nn.Module):
   unet_heads: int = 1
   unet_patch: int = PATCH
   beta_schedule: str = "linear"
-  zero_terminal_snr: bool = False
+  zero_terminal_snr: bool = True       # the official DiVAE default
   prediction_type: str = "sample"
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   post_mlp: bool = True
+  norm_latents: bool = False
 
   def setup(self):
     from tokenizers_jax.vqvae import VQVAE
     self.tokenizer = VQVAE(self.in_channels, self.out_channels, self.patch_size, self.width,
                            self.enc_depth, 0, self.heads, self.num_codes, self.code_dim,
                            ema_decay=self.ema_decay, restart_factor=self.restart_factor,
-                           commitment=self.commitment, mlp_ratio=self.mlp_ratio,
+                           commitment=self.commitment, norm_latents=self.norm_latents,
+                           mlp_ratio=self.mlp_ratio,
                            qkv_bias=self.qkv_bias, post_mlp=self.post_mlp)
     self.unet = PatchedUNet(self.out_channels, self.base_channels, tuple(self.channel_mult),
                             self.num_res_blocks, self.attn_levels,

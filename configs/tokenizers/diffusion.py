@@ -5,7 +5,9 @@
 
 The encoder, quantizer, data and optimizer are those of configs/tokenizers/vqvae.py
 (same arguments); the ViT decoder is replaced by a UNet on 4 x 4 pixel patches
-that predicts x0 from 1000 linear-schedule DDPM steps, sampled with DDIM
+that predicts x0 from 1000 linear-schedule DDPM steps rescaled to zero terminal
+SNR, trained with the official per-modality loss (smooth L1 for depth and edges,
+MSE for RGB and normals; cfgs/default/tokenization/divae), sampled with DDIM
 (`diffusion.sample_steps`, 25) for the reconstruction grids and detokenizing.
 """
 import importlib.util
@@ -14,6 +16,8 @@ import os
 import ml_collections
 
 DIFFUSION_MODALITIES = ("rgb", "depth", "normals", "edges")
+# the official DiVAE configs' loss_fn per modality (canny_edge: our edges)
+DIFFUSION_LOSS = {"rgb": "mse", "normals": "mse", "depth": "smooth_l1", "edges": "smooth_l1"}
 
 
 def _vqvae_config(arg: str) -> ml_collections.ConfigDict:
@@ -41,7 +45,8 @@ def get_config(arg: str = "modality=rgb,variant=tiny") -> ml_collections.ConfigD
   c.diffusion.patch_size = 4            # UNet pixel patches
   c.diffusion.steps = 1000              # training timesteps
   c.diffusion.beta_schedule = "linear"  # linear (1e-4 .. 0.02) or squaredcos_cap_v2
-  c.diffusion.zero_terminal_snr = False  # rescale betas so the last step is pure noise
+  c.diffusion.zero_terminal_snr = True  # rescale betas so the last step is pure noise (official)
   c.diffusion.prediction_type = "sample"  # the UNet predicts x0 (4M); or epsilon, v_prediction
+  c.diffusion.loss = DIFFUSION_LOSS[c.modality]   # on the prediction target: mse, l1, smooth_l1
   c.diffusion.sample_steps = 25         # DDIM steps when decoding
   return c

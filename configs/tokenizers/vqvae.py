@@ -77,7 +77,13 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
   c.model.code_dim = 32                # l2-normalised latent size
   c.model.ema_decay = 0.99
   c.model.restart_factor = 32.0        # dead below B * N_tokens / (32 * V)
-  c.model.commitment = 0.25
+  c.model.commitment = 1.0             # weight of the commitment MSE (official, 4M Table 3)
+  c.model.norm_latents = False         # commitment on raw latents (official); True: l2-normalised
+  # segmentation classes (ids 0..N-1): the scenes' 7, or COCO panoptic's 133 + "no class" as the
+  # official semseg_coco tokenizer; 0 = the modality's own (SAM masks: 2)
+  c.model.num_classes = 0
+  if c.modality == "semantic":
+    c.model.num_classes = 7 if tiny else 134
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 2e-3 if tiny else 1e-4
