@@ -102,6 +102,47 @@ def guide(logits, weights):
   return uncond + jnp.sum(w * (logits[:-1] - uncond[None]), axis=0)
 
 
+def is_sentinel(ids):
+  """True where ids are sentinels [S_0] .. [S_199]."""
+  return (ids >= SENTINEL_BASE) & (ids < SENTINEL_BASE + NUM_SENTINELS)
+
+
+def merge_spans(given, known, generated, size: int):
+  """Fills the sentinel spans of given sequences with decoded ones (the official
+  merge_span_masking, batched and traceable).
+
+  given: int [B, N], the given sequence in its `known` (bool [B, N]) slots, in slot order;
+  generated: int [B, M], '[S_1] span [S_2] span ...' as decoded, PAD where nothing was.
+  Each given sentinel is replaced by the tokens that follow that sentinel in `generated` up
+  to the next sentinel (all of them, in order, if it was decoded more than once; none if
+  never); tokens of a sentinel that is not given are dropped; other given tokens are kept.
+  Returns (tensor int [B, size], the merged sequence from slot 0, PAD after it (cut at
+  `size`); known bool [B, size], its slots).
+  """
+  b, m = generated.shape
+  order = jnp.arange(m)
+  sent = is_sentinel(generated)
+  # each decoded token's span: the last sentinel at or before it (none: -1)
+  last = jax.lax.cummax(jnp.where(sent, order, -1), axis=1)
+  label = jnp.where(last >= 0, jnp.take_along_axis(generated, jnp.maximum(last, 0), 1), -1)
+  word = ~sent & (generated != PAD_ID) & (last >= 0)
+  # fills[b, t, i]: decoded token t goes into given slot i (its sentinel)
+  fills = word[:, :, None] & known[:, None, :] & (label[:, :, None] == given[:, None, :])
+  width = jnp.where(known, jnp.where(is_sentinel(given), jnp.sum(fills, 1), 1), 0)
+  begin = jnp.cumsum(width, 1) - width                # each given slot's place in the merge
+  same = (word[:, :, None] & word[:, None, :] & (label[:, :, None] == label[:, None, :]) &
+          (order[None, None, :] < order[None, :, None]))
+  rank = jnp.sum(same, 2)                             # place of a token within its span
+  rows = jnp.arange(b)[:, None]
+  out = jnp.full((b, size), PAD_ID, generated.dtype)
+  out = out.at[rows, jnp.where(known & ~is_sentinel(given), begin, size)].set(
+      given.astype(generated.dtype), mode="drop")
+  where = jnp.where(fills, begin[:, None, :] + rank[:, :, None], size)
+  out = out.at[rows[:, :, None], where].set(
+      jnp.broadcast_to(generated[:, :, None], where.shape), mode="drop")
+  return out, jnp.arange(size)[None] < jnp.sum(width, 1, keepdims=True)
+
+
 class Sampler:
   """Decoding with a 4M model (fourm_jax.model.FourM) and its params."""
 
@@ -332,47 +373,79 @@ class Sampler:
       def run(params, state, rng, temperature, top_k, top_p, weights):
         self.traces += 1
         variables = {"params": params}
+        given, known = state[target]["tensor"], ~state[target]["input_mask"]
+        b, n = given.shape
+        # a row given nothing is the official empty target: [S_1] alone, generated whole
+        blank = ~jnp.any(known, axis=1)
+        given = jnp.where(blank[:, None] & (jnp.arange(n) == 0), SENTINEL_BASE + 1, given)
+        known = known | (blank[:, None] & (jnp.arange(n) == 0))
+        view = {**state, target: {"tensor": given, "input_mask": ~known}}
         # the conditional variants and the unconditional one, decoded side by side
         batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0),
-                             *[self._batch(state, target, g, None, e) for g, e in variants])
+                             *[self._batch(view, target, g, None, e) for g, e in variants])
         ctx, valid = dec.apply(variables, batch, n_enc, method=dec.decoder_context)
-        b, k = state[target]["tensor"].shape[0], len(variants)
+        k = len(variants)
         tile = lambda tok: jnp.tile(tok, k)
         combine = (lambda l: guide(l.reshape(k, b, -1), weights)) if guided else (lambda l: l)
         vocab = jnp.arange(m.vocab_size)
-        banned = (vocab == PAD_ID) | ((vocab >= SENTINEL_BASE) &
-                                      (vocab < SENTINEL_BASE + NUM_SENTINELS))
-        start = jnp.full((b,), SENTINEL_BASE + 1, jnp.int32)       # [S_1]: the one span
+        # a blank row's span holds words only (no sentinel before its EOS); an in-painted row
+        # may write any token but PAD, as the official sampler (the merge sorts them out)
+        banned = (vocab == PAD_ID)[None] | (blank[:, None] & is_sentinel(vocab)[None])
+        # an in-painted row stops at EOS or at the sentinel after its last one ([S_k+1],
+        # the end of a training target); one given no sentinel has nothing to fill
+        spans = jnp.sum(known & is_sentinel(given), axis=1)
+        stop = jnp.where(blank, -1, SENTINEL_BASE + spans + 1)
+        start = jnp.full((b,), SENTINEL_BASE + 1, jnp.int32)       # [S_1]: the first span
         logits, cache = dec.apply(variables, tile(start), 0, target, ctx, valid, length,
                                   method=dec.decode_token, mutable=["cache"])
 
-        def body(t, carry):
-          seq, cache, logits, done = carry
-          # a generated span holds words only: no PAD, no sentinel before its EOS
+        def sample(t, logits, done):
           logits = jnp.where(banned, -jnp.inf, combine(logits))
           logits = filter_logits(logits, top_k, top_p)
           greedy = temperature <= 1e-6
           sampled = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(
               jax.random.fold_in(rng, t), logits / jnp.where(greedy, 1.0, temperature), -1))
           tok = jnp.where(done, PAD_ID, sampled).astype(jnp.int32)
+          return tok, done | (tok == EOS_ID) | (tok == stop)
+
+        def body(t, carry):
+          seq, cache, logits, done = carry
+          tok, done = sample(t, logits, done)
           seq = seq.at[:, t].set(tok)
-          done = done | (tok == EOS_ID)
           logits, cache = dec.apply({"params": params, **cache}, tile(tok), t + 1, target, ctx,
                                     valid, length, method=dec.decode_token, mutable=["cache"])
           return seq, cache, logits, done
 
         seq = jnp.full((b, length), PAD_ID, jnp.int32)
-        seq, _, logits, done = jax.lax.fori_loop(
-            0, length - 1, body, (seq, cache, logits, jnp.zeros((b,), bool)))
-        # the last slot: EOS for rows that never ended
-        seq = seq.at[:, length - 1].set(jnp.where(done, PAD_ID, EOS_ID))
-        n = self._length(m)
-        tensor = jnp.full((b, n), PAD_ID, jnp.int32).at[:, :length].set(seq)
-        known = jnp.zeros((b, n), bool).at[:, :length].set(seq != PAD_ID)
+        done = ~blank & (spans == 0)
+        seq, _, logits, done = jax.lax.fori_loop(0, length - 1, body,
+                                                 (seq, cache, logits, done))
+        # the last token: EOS for blank rows that never ended (a whole sequence ends in
+        # one), a last sample for in-painted ones (the official loop's length)
+        last, _ = sample(length - 1, logits, done)
+        seq = seq.at[:, length - 1].set(jnp.where(blank, jnp.where(done, PAD_ID, EOS_ID), last))
+        tensor, known = merge_spans(given, known, jnp.concatenate([start[:, None], seq], 1), n)
         return {**state, target: {"tensor": tensor, "input_mask": ~known}}
 
       self._steps[key] = jax.jit(run)
     return self._steps[key]
+
+  def _check_inpainting(self, state: State, target: str):
+    """A partly given sequence target (host-side check): its given tokens must reach the
+    encoder, and its sentinels must be [S_1], [S_2], ... in order, each once (the official
+    numbering of span masking, which the decoder follows from [S_1])."""
+    tensor, known = np.asarray(state[target]["tensor"]), ~np.asarray(state[target]["input_mask"])
+    for row, (ids, k) in enumerate(zip(tensor, known)):
+      if not k.any():
+        continue
+      sent = [int(i) for i in ids[k] if SENTINEL_BASE <= i < SENTINEL_BASE + NUM_SENTINELS]
+      if sent and target not in self.input_names:
+        raise ValueError(f"{target} is given in part but is not an input of the model: the "
+                         "encoder could not see the given tokens; give it whole or not at all")
+      if sent != list(range(SENTINEL_BASE + 1, SENTINEL_BASE + 1 + len(sent))):
+        names = " ".join(f"[S_{i - SENTINEL_BASE}]" for i in sent)
+        raise ValueError(f"{target} row {row}: the spans to fill must be marked [S_1], [S_2], "
+                         f"... in order, each once; got {names}")
 
   def _unknown(self, state: State, name: str) -> bool:
     return bool(np.all(np.asarray(state[name]["input_mask"])))
@@ -429,12 +502,12 @@ class Sampler:
       if step.scheme == "autoregressive":
         if self.modalities[step.target].kind != "seq":
           raise ValueError(f"{step.target} is not a sequence; decode it with maskgit or roar")
-        if not self._unknown(state, step.target):
-          raise NotImplementedError(f"{step.target} is given in part: filling sentinel spans "
-                                    "of a given sequence is not supported; give it whole or "
-                                    "not at all")
+        self._check_inpainting(state, step.target)
+        # the target's own [S_1] (a blank row) is set in the loop: one compilation serves
+        # generating it whole and in-painting it
+        own = tuple(e for e in empty if e != step.target)
         fn = self._ar_fn(step.target, groups, step.guidance != 1.0 if conditions is None
-                         else True, self.encoder_tokens(state, step.target, empty), empty,
+                         else True, self.encoder_tokens(state, step.target, own), own,
                          uncond_empty)
         state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
                    jnp.int32(step.top_k), jnp.float32(step.top_p), jnp.asarray(w))
