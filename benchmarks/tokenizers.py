@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from pretrain_jax import loop  # noqa: E402
 from tokenizers_jax import diffusion, poses  # noqa: E402
-from tokenizers_jax import tokenize as tok_lib, train as tok_train, vqvae  # noqa: E402
+from tokenizers_jax import tokenize as tok_lib, train as tok_train  # noqa: E402
 
 # name -> (config file, argument of its tiny variant, of its paper variant)
 KINDS = {
@@ -144,7 +144,7 @@ def quality(file: str, modality: str, steps: int, tmp: str) -> dict[str, float]:
   pred = recon.argmax(-1)
   def miou(p):
     ious = [np.sum((p == c) & (x == c)) / np.sum((p == c) | (x == c))
-            for c in range(vqvae.MODALITIES["semantic"].out_channels) if np.any(x == c)]
+            for c in range(tok_train.modality_spec(cfg).out_channels) if np.any(x == c)]
     return float(np.mean(ious))
   majority = np.bincount(x.ravel()).argmax()
   return {"metric": "mIoU (higher is better)", "tokenizer": miou(pred),
@@ -158,10 +158,19 @@ def main():
   parser.add_argument("--throughput_only", action="store_true",
                       help="skip training the tiny tokenizers; keep the quality table (and its "
                            "date) of an earlier run in --out")
+  parser.add_argument("--quality_only", action="store_true",
+                      help="skip the throughput table; keep the one of an earlier run in --out "
+                           "(--old names another file to take it from)")
+  parser.add_argument("--old", default="", help="JSON of an earlier run (default: --out)")
   args = parser.parse_args()
   logging.getLogger().setLevel(logging.WARNING)
   speed = {}
+  if args.quality_only:
+    with open(args.old or args.out, encoding="utf-8") as f:
+      speed = json.load(f)["throughput"]
   for name, (file, tiny, paper) in KINDS.items():
+    if args.quality_only:
+      break
     extra = WIDTHS.get(name)
     speed[f"{name} tiny"] = throughput(file, tiny, overrides=extra)
     # the B/16 diffusion decoder runs 25 UNet passes at 224 px: one small batch on CPU
@@ -172,7 +181,7 @@ def main():
          [("diffusion.py", m) for m in ("rgb", "depth")] + [("mlp_vae.py", "pose")]
   now = datetime.datetime.now(datetime.timezone.utc).isoformat()
   if args.throughput_only:
-    with open(args.out, encoding="utf-8") as f:
+    with open(args.old or args.out, encoding="utf-8") as f:
       old = json.load(f)
     qual, quality_date = old["quality"], old.get("quality_date", old["date"])
   else:
