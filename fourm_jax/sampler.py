@@ -25,7 +25,19 @@ but cost 1.7x the FLOPs of a typical 8-step generation.)
 Sequences (captions, boxes, metadata) decode left to right from the [S_1]
 sentinel until [EOS], in one compiled loop with a key/value cache in the
 decoder (`FourM.decode_token`); the result is given from slot 0, so later
-targets are conditioned on it.
+targets are conditioned on it. A sequence given in part is in-painted as in
+ml-4m (custom_text, autoregressive_step_batched, merge_span_masking): its
+given tokens mark the missing spans with [S_1], [S_2], ... ('a [S_1] on the
+grass [S_2]') and go to the encoder; the decoder writes '[S_1] span [S_2]
+span ...' from [S_1] and a row stops at [EOS] (kept: it ends the span it is
+in) or at [S_k+1] after its last sentinel [S_k] (the end of a training
+target; the official loop goes on, and drops those tokens in the merge);
+each given sentinel is then replaced by the tokens decoded after it
+(`merge_spans`). The same compiled loop serves blank rows, which are [S_1]
+alone; they decode words only until [EOS] (no PAD, no sentinel), in-painted
+rows any token but PAD, as the official decoder. Per row, a row stops on its
+own (the official batch runs until every row has [EOS], merging what the
+finished rows write meanwhile).
 
 MaskGIT samples every unknown token and keeps the `n` most confident
 (probability of the sampled token); ROAR samples `n` random unknown
