@@ -26,6 +26,16 @@ temperature_schedule (constant | linear | onex:MIN:POWER), top_k, top_p,
 guidance and guidance_schedule (constant | cosine); keys left out take the
 flags' values (steps: --steps).
 
+In-painting: a sequence target also given by --condition, with its missing
+spans marked [S_1], [S_2], ... in order, has those spans filled (the rest is
+kept), as ml-4m's sampler fills them:
+
+  --condition=caption:"a red sphere [S_1] cube [S_2]" --targets=caption,rgb
+
+A text with sentinels is given without the [EOS] that ends other texts (the
+official custom_text), so the last span may run on to the caption's end;
+generations.json's sequences hold the filled text.
+
 Guidance: --guidance=S is classifier-free guidance with scale S (1: none):
 the unconditional pass empties every condition and every finished target (an
 image gives nothing, a sequence its [S_1] alone), as the official sampler
@@ -136,7 +146,11 @@ def build_conditions(conditions, model, n: int, tokenizers: dict, text_tok):
       if text_tok is None:
         raise ValueError(f"--condition={cond!r} needs --text_tokenizer")
       from tokenizers_jax import text
-      ids = np.array(text.encode(text_tok, value, m.length), np.int32)
+      ids = text.encode(text_tok, value, m.length, eos=False)
+      # text with sentinels is partly given: no [EOS] after it, as ml-4m's custom_text
+      if not any(sampler_lib.is_sentinel(np.asarray(ids))):
+        ids = text.encode(text_tok, value, m.length)
+      ids = np.array(ids, np.int32)
       given[name] = {"tensor": np.repeat(ids[None], n, 0)}
     elif value.endswith(".npy"):
       toks = np.load(value)
@@ -314,6 +328,11 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
     cond_names = list(dict.fromkeys(condition_modality(c.partition(":")[0], model)
                                     for c in conditions))
     groups, weights = guidance_weights(condition_weights, cond_names, target_names)
+  for name in target_names:      # a target given by --condition is in-painted
+    if name in given and sampler.modalities[name].kind == "seq" and not np.any(
+        sampler_lib.is_sentinel(np.asarray(given[name]["tensor"]))):
+      raise ValueError(f"target {name} is given whole by --condition: mark the spans to fill "
+                       "with [S_1], [S_2], ... to in-paint it, or drop it from --targets")
   state = sampler.init_state(num_samples, given)
   state = sampler.generate(state, plan, jax.random.key(seed), groups, weights)
   out_dir = epath.Path(out)   # local or gs://...

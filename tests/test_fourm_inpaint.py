@@ -181,3 +181,20 @@ def test_blank_and_inpainted_rows_share_one_compilation(sampler):
   with pytest.raises(ValueError, match=r"row 1: the spans to fill must be marked \[S_1\]"):
     sampler.generate(state, [schedules.Step(CAP, "autoregressive", 12, 0.0)],
                      jax.random.key(0))
+
+
+def test_a_condition_text_with_sentinels_is_given_without_eos():
+  """fourm_jax.generate's --condition: a caption holding [S_k] is encoded as ml-4m's
+  custom_text encodes its input text (no [EOS] appended: the last span may run to the
+  end); one without sentinels is a whole caption ending in [EOS]."""
+  import types
+  from fourm_jax import generate
+  from tokenizers_jax import text
+  tok = text.fit_wordpiece(["a red sphere left of a blue cube"] * 4, vocab_size=4400)
+  model = types.SimpleNamespace(inputs=[REG[CAP]])
+  given, _ = generate.build_conditions(["caption:a red [S_1] cube [S_2]"], model, 2, {}, tok)
+  ids = given[CAP]["tensor"][0].tolist()
+  assert ids == [tok.token_to_id("a"), tok.token_to_id("red"), S(1), tok.token_to_id("cube"),
+                 S(2)]
+  given, _ = generate.build_conditions(["caption:a red cube"], model, 2, {}, tok)
+  assert given[CAP]["tensor"][0].tolist()[-1] == EOS_ID
