@@ -7,6 +7,9 @@ Variants:
   tiny       scenes token shards (4 x 4 grids of the tiny rgb and depth tokenizers,
              32 px RGB pixels, 16 tokens of the AIM global embedding, captions);
              trains in about a minute on CPU
+  tiny21     the tiny 4M-21: tiny's modalities plus the AIM feature map (4 x 4 tokens of
+             the tiny feature-map VQ-VAE, field tok_aim), boxes (det), colour palettes
+             and metadata (drawn afresh per sample from the shards' raw values)
   4m7_B/L/XL 4M Table 5: the 7 modalities, 128 input / 128 target tokens, RGB->All
              and All->All (alpha 0.5), batch 8192, AdamW 0.9/0.95, wd 0.05,
              lr 1e-4 per 256 (XL 2e-5, clip 3.0), warmup 10B of 500B tokens,
@@ -52,7 +55,11 @@ FIELDS = {"rgb@224": "image", "tok_rgb@224": "tok_rgb", "tok_depth@224": "tok_de
           "rgb@448": "image_448", "tok_rgb@448": "tok_rgb_448", "tok_depth@448": "tok_depth_448",
           "tok_normal@448": "tok_normals_448", "tok_semseg@448": "tok_semantic_448",
           "tok_clip@448": "tok_clip_448"}
-VARIANTS = ("tiny", "4m7_B", "4m7_L", "4m7_XL", "ref_B", "4m21_B", "4m21_L", "4m21_XL", "sr_L")
+# the tiny 4M-21: a feature map, a global embedding, boxes, palettes and metadata besides
+# the tiny config's RGB, depth and captions (all from pseudo-labelled scenes)
+TINY21 = ("rgb@32", "tok_rgb@32", "tok_depth@32", "tok_aim@32", "tok_aim_global", "caption",
+          "det", "color_palette", "metadata")
+VARIANTS = ("tiny", "tiny21", "4m7_B", "4m7_L", "4m7_XL", "ref_B", "4m21_B", "4m21_L", "4m21_XL", "sr_L")
 
 
 def strategy(name, weight=1.0, input_alpha=0.0, target_alpha=0.0, inputs=None, targets=None,
@@ -108,15 +115,15 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   variant = (arg or "variant=tiny").split("=")[-1]
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-  family, size = ("tiny", "tiny") if variant == "tiny" else variant.split("_")
-  tiny = family == "tiny"
+  family, size = (variant, "tiny") if variant.startswith("tiny") else variant.split("_")
+  tiny = family.startswith("tiny")
 
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
-  c.batch_size = {"tiny": 32, "ref": 4096, "sr": 4096}.get(family, 8192)
-  budget_in, budget_out = {"tiny": (24, 24), "4m21": (256, 256), "sr": ((64, 1024), 1024)}.get(
-      family, (128, 128))
+  c.batch_size = {"tiny": 32, "tiny21": 32, "ref": 4096, "sr": 4096}.get(family, 8192)
+  budget_in, budget_out = {"tiny": (24, 24), "tiny21": (48, 48), "4m21": (256, 256),
+                           "sr": ((64, 1024), 1024)}.get(family, (128, 128))
   tokens_per_sample = {"4m21": 512, "sr": 2048}.get(family, 256)
   total_tokens = {"ref": 100e9, "sr": 100e9}.get(family, 500e9)
   c.total_steps = 300 if tiny else int(total_tokens // (tokens_per_sample * c.batch_size))
@@ -146,9 +153,11 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   c.model.remat = "none" if tiny else "block"   # 'none' | 'block' | 'dots' (pretrain_jax.remat)
   c.model.attention_impl = ""                  # '' or 'xla' | 'cudnn' (GPU flash attention) | 'auto'
   c.model.scan_layers = False                  # blocks as one lax.scan: compile time flat in depth
-  if tiny:
+  if family == "tiny":
     mods = ("rgb@32", "tok_rgb@32", "tok_depth@32", "tok_aim_global", "caption")
     c.model.inputs, c.model.targets = mods, mods[1:]
+  elif family == "tiny21":
+    c.model.inputs, c.model.targets = TINY21, TINY21[1:]
   elif family == "4m21":
     c.model.inputs = FOURM21
     c.model.targets = tuple(n for n in FOURM21 if n not in ("rgb@224", "t5_caption"))
@@ -171,6 +180,12 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
     # (configs/tokenizers/mlp_vae.py:target=global): what retrieval ranks by
     c.modalities.tok_aim_global = {"kind": "global", "vocab_size": 256, "length": 16}
     c.modalities.caption = {"kind": "seq", "vocab_size": 4500, "length": 32}
+  if family == "tiny21":
+    # the AIM feature map (the aim_features labeller at 56 px: 4 x 4 vectors) through the
+    # tiny feature-map VQ-VAE, standing in for CLIP/DINOv2/ImageBind maps
+    c.modalities["tok_aim@32"] = {"kind": "image", "vocab_size": 256, "grid": (4, 4)}
+    for name, length in (("det", 64), ("color_palette", 32), ("metadata", 64)):
+      c.modalities[name] = {"kind": "seq", "vocab_size": 4500, "length": length}
 
   c.masking = ml_collections.ConfigDict()
   c.masking.input_tokens = budget_in   # an int, or an inclusive (low, high) range per sample
@@ -183,7 +198,8 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
     c.masking.strategies = _mixture_sr()
   else:                                # 4M-7's final mixture: all->all and rgb->all, alpha 0.5
     c.masking.strategies = [all2all(0.5), one2all("rgb@32" if tiny else "rgb@224", 0.5)]
-  c.masking.chunks = ml_collections.ConfigDict({"metadata": 2} if family == "4m21" else {})
+  c.masking.chunks = ml_collections.ConfigDict({"metadata": 2} if family in ("4m21", "tiny21")
+                                               else {})
 
   c.data = ml_collections.ConfigDict()
   c.data.eval_batches = 2
@@ -194,10 +210,15 @@ def get_config(arg: str = "variant=tiny") -> ml_collections.ConfigDict:
   # values token shards keep (fourm_jax.sequence_augment), as the official loader does
   c.data.augment_sequences = True
   repeats = 1 if tiny else 4
-  if tiny:
+  if family == "tiny":
     c.data.datasets = ml_collections.ConfigDict({"scenes": dataset(fields={
         "rgb@32": "image", "tok_rgb@32": "tok_rgb", "tok_depth@32": "tok_depth",
         "tok_aim_global": "tok_aim_global", "caption": "caption"})})
+  elif family == "tiny21":
+    c.data.datasets = ml_collections.ConfigDict({"scenes": dataset(fields={
+        "rgb@32": "image", "tok_rgb@32": "tok_rgb", "tok_depth@32": "tok_depth",
+        "tok_aim@32": "tok_aim", "tok_aim_global": "tok_aim_global", "caption": "caption",
+        "det": "det", "color_palette": "color_palette", "metadata": "metadata"})})
   elif family == "4m21":
     c.data.datasets = ml_collections.ConfigDict({
         "cc12m": dataset(fields={n: FIELDS[n] for n in FOURM21}, weight=0.6, repeats=repeats),
