@@ -53,6 +53,16 @@ def hard_gumbel_softmax(logits: jax.Array, rng: jax.Array, temperature: float = 
   return hard + soft - jax.lax.stop_gradient(soft), indices
 
 
+def _memcodes_aux(hard, indices, weights, heads: int, num_codes: int) -> dict:
+  """The aux outputs of a Memcodes quantizer: codes, code usage and perplexity (weighted per
+  vector by `weights`), and zero VQ losses (Memcodes has none)."""
+  w = None if weights is None else jnp.repeat(weights.reshape(-1), heads)
+  usage, perplexity = usage_and_perplexity(hard.reshape(-1, num_codes), w)
+  zero = jnp.zeros((), jnp.float32)
+  return {"indices": indices.astype(jnp.int32), "commit_loss": zero, "codebook_loss": zero,
+          "usage": usage, "perplexity": perplexity}
+
+
 def _pick(logits: jax.Array, train: bool, module: nn.Module, temperature: float):
   """(straight-through one-hot [..., V], hard one-hot [..., V], indices [...]): Gumbel when
   training (rng 'gumbel'), the argmax otherwise."""
@@ -184,13 +194,7 @@ class Memcodes(nn.Module):
     q = self.to_q(x)                                                   # [..., h, d]
     logits = jnp.einsum("...hd,hvd->...hv", q, self.codes) * self.dim ** -0.5
     st, hard, indices = _pick(logits, train, self, self.temperature)
-    out = self._decode(st)
-    w = None if weights is None else jnp.repeat(weights.reshape(-1), self.heads)
-    usage, perplexity = usage_and_perplexity(hard.reshape(-1, self.num_codes), w)
-    zero = jnp.zeros((), jnp.float32)
-    aux = {"indices": indices.astype(jnp.int32), "commit_loss": zero, "codebook_loss": zero,
-           "usage": usage, "perplexity": perplexity}
-    return out, aux
+    return self._decode(st), _memcodes_aux(hard, indices, weights, self.heads, self.num_codes)
 
   def lookup(self, indices: jax.Array) -> jax.Array:
     """int [..., heads] -> float [..., width]: what __call__ returns for these codes."""
@@ -239,13 +243,7 @@ class HeadMemcodes(nn.Module):
     keys = jnp.einsum("hnd,hdc->hnc", self.codes, self.to_k)
     logits = jnp.einsum("...hc,hnc->...hn", q, keys)
     st, hard, indices = _pick(logits, train, self, self.temperature)
-    out = self._decode(st)
-    w = None if weights is None else jnp.repeat(weights.reshape(-1), self.heads)
-    usage, perplexity = usage_and_perplexity(hard.reshape(-1, self.num_codes), w)
-    zero = jnp.zeros((), jnp.float32)
-    aux = {"indices": indices.astype(jnp.int32), "commit_loss": zero, "codebook_loss": zero,
-           "usage": usage, "perplexity": perplexity}
-    return out, aux
+    return self._decode(st), _memcodes_aux(hard, indices, weights, self.heads, self.num_codes)
 
   def lookup(self, indices: jax.Array) -> jax.Array:
     """int [..., heads] -> float [..., dim]: what __call__ returns for these codes."""
