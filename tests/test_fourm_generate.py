@@ -58,6 +58,7 @@ def test_chained_schedules_decode_each_target_fully_in_turn():
     schedules.Step(RGB, "beam", 4)
 
 
+@pytest.mark.slow     # about 60 s
 def test_maskgit_at_temperature_zero_is_deterministic_and_fills_every_position(sampler):
   state = sampler.init_state(2, {RGB: {"tensor": _rgb()}})
   steps = schedules.chained([DEPTH], [16], ["maskgit"], [5], temperatures=[0.0])

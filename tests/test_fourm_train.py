@@ -17,6 +17,9 @@ from tokenizers_jax import text, tokenize as tok_lib
 from tokenizers_jax import train as tok_train
 
 
+# the module trains tokenizers and a tiny 4M (about 4 min of one worker): the slow suite
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def token_shards(tmp_path_factory):
   """scenes -> labelled shards (with a random tiny AIM's global embedding) -> tiny rgb/depth

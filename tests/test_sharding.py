@@ -8,6 +8,9 @@ import pytest
 from conftest import ROOT, subprocess_env
 
 
+# one 8-device run shared by the module (about 2 min of one worker): the slow suite
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def sharded_result():
   env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",

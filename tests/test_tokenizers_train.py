@@ -26,6 +26,7 @@ def _eval_targets(cfg, modality):
   return np.stack([ds[i]["x"] for i in range(64)])
 
 
+@pytest.mark.slow     # about 50 s
 def test_depth_tokenizer_beats_the_mean_prediction(tmp_path):
   """Depth is standardised per image, so the per-image mean predicts 0: the
   baseline is the smooth-L1 of the standardised depth itself."""
@@ -186,6 +187,7 @@ def _init_inputs(cfg, size):
   return (x,)
 
 
+@pytest.mark.slow     # about 75 s
 def test_feature_map_tokenizer_on_aim_features_beats_the_mean_feature(tmp_path):
   """Feature maps (CLIP/DINOv2-style; here the aim_features labeller's) -> one token per
   feature vector, smooth L1 (4M Table 3's feature-map tokenizers)."""

@@ -61,6 +61,7 @@ def test_tiny_config_loss_decreases_over_a_few_hundred_steps(tiny_aim_config, tm
   assert steps == list(range(10, 201, 10))
 
 
+@pytest.mark.slow     # about 90 s with its fixture
 def test_killed_run_resumes_with_exactly_the_uninterrupted_losses(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   # Killed at step 9: the save of step 8 waited for step 4's to finish, so
