@@ -93,16 +93,13 @@ def model_config(official: Mapping) -> dict:
 
 
 def check_registry(official: Mapping, mods) -> None:
-  """The official image_size/patch_size against the registry rows of the image modalities
-  (per-modality sizes in the names, e.g. 'tok_rgb@448', come from the registry)."""
-  size, patch = official.get("image_size"), official.get("patch_size")
+  """The official patch_size against the registry rows of the pixel modalities (their
+  resolution is in their names, e.g. 'rgb@448', and comes from the registry)."""
+  patch = official.get("patch_size")
   for m in mods:
     if m.kind == "pixels" and patch and m.patch_size != patch:
       raise ValueError(f"official config: patch_size {patch}, but modality {m.name!r} here "
                        f"has {m.patch_size}-pixel patches")
-    if m.kind == "pixels" and size and "@" not in m.name and m.grid[0] * m.patch_size != size:
-      raise ValueError(f"official config: image_size {size}, but {m.name!r} here is "
-                       f"{m.grid[0] * m.patch_size} px")
 
 
 def build(official: Mapping, registry=None) -> tuple[FourM, dict]:
@@ -254,8 +251,7 @@ def to_official(params: Mapping, model: FourM, unused: Mapping | None = None
   """The inverse of `from_official`: params -> the official state dict (float32 numpy),
   zero LayerNorm bias buffers and sine-cosine position buffers included. `unused` gives
   the tensors the forward pass never reads (`unused_official`); absent ones are zeros."""
-  params = {k: v for k, v in params.items()}
-  d, h = model.dim, model.num_heads
+  d = model.dim
   sd: dict[str, np.ndarray] = {}
   a = lambda x: np.asarray(x, np.float32)
 
