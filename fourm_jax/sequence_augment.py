@@ -1,22 +1,27 @@
 """4M-21's augmented sequence modalities, serialised per sample at training time.
 
 The official data pipeline draws these afresh at every load: a colour
-palette of 1..7 colours (uniform), and the metadata entries in a random
-order (`MetadataTransform(shuffle=True)`). Token shards therefore keep the
+palette of 1..7 colours (uniform), the metadata entries in a random order
+(`MetadataTransform(shuffle=True)`), and the SAM query points
+(`SAMInstanceTokTransform(point_order='random')`: 7 points uniform over the
+image, each followed by the instances containing it). Token shards therefore keep the
 raw values beside the token ids that `tokenizers_jax.tokenize` writes:
 
   color_palette_raw  uint8 [7, 7, 3]: row k-1 holds the palette of k colours
                      (the color_palette labeller's output)
   metadata_raw       float32 [T]: one value per tokenizers_jax.sequences.METADATA_TYPES
                      entry, in that order, NaN where the record has none
+  sam_instance_map   int [H, W]: 0 = no instance, i + 1 = instance i
+  sam_instance_boxes int32 [N, 4]: the instances' boxes in pixels
+  sam_instance_ids   int32 [N, 16]: their SAM-mask tokenizer ids
 
 and a copy of the WordPiece file (`text_tokenizer.json`) with the sequence
-length (`sequences.json`). The 4M training pipeline re-serialises
-`color_palette` and `metadata` from them in its per-record random map, so a
+lengths and point count (`sequences.json`). The 4M training pipeline
+re-serialises `color_palette`, `metadata` and `sam_instance` from them in its per-record random map, so a
 record gets another palette size and metadata order at every epoch, and the
 same ones for the same seed and step (a resumed run sees the same data).
 Evaluation keeps the ids written in the shards (a fixed palette size, the
-official metadata order).
+official metadata order, query points drawn once per record).
 """
 from __future__ import annotations
 
@@ -30,25 +35,29 @@ from etils import epath
 from tokenizers_jax import sequences
 
 RAW = sequences.RAW_FIELDS
+SAM_RAW = sequences.SAM_RAW_FIELDS
+AUGMENTED = (*RAW, "sam_instance")
 MAX_COLORS = 7
 
 
 class SequenceAugment:
   """Re-serialises the augmented sequences of one record with the map's `rng`.
 
-  fields: {modality: record field} of the dataset (only 'color_palette' and 'metadata'
-  are augmented). The WordPiece file is read on first use (the object is pickled into
-  data workers)."""
+  fields: {modality: record field} of the dataset (only 'color_palette', 'metadata' and
+  'sam_instance' are augmented); max_len: the sequences' length, [EOS] included
+  (sam_max_len for sam_instance); sam_points: query points per draw. The WordPiece file
+  is read on first use (the object is pickled into data workers)."""
 
-  def __init__(self, directory: str, fields: Mapping[str, str], max_len: int):
+  def __init__(self, directory: str, fields: Mapping[str, str], max_len: int,
+               sam_max_len: int = 0, sam_points: int = 7):
     self.tokenizer_path = os.path.join(directory, sequences.TOKENIZER_FILE)
-    self.targets = {m: f for m, f in fields.items() if m in RAW}
-    self.max_len = max_len
+    self.targets = {m: f for m, f in fields.items() if m in AUGMENTED}
+    self.max_len, self.sam_max_len, self.sam_points = max_len, sam_max_len, sam_points
     self._tok = None
 
   @property
   def raw_fields(self) -> list[str]:
-    return [RAW[m] for m in self.targets]
+    return [f for m in self.targets for f in (SAM_RAW if m == "sam_instance" else (RAW[m],))]
 
   def _tokenizer(self):
     if self._tok is None:
@@ -66,14 +75,17 @@ class SequenceAugment:
     if "metadata" in self.targets:
       meta = sequences.metadata_dict(element[RAW["metadata"]])
       out["metadata"] = sequences.encode_metadata(meta, rng=rng)   # shuffled
+    if "sam_instance" in self.targets:
+      out["sam_instance"] = sequences.encode_sam_instances(sequences.sam_queries(
+          *(np.asarray(element[f]) for f in SAM_RAW), self.sam_points, rng))
     return out
 
   def __call__(self, element: dict, rng: np.random.Generator) -> dict:
     from tokenizers_jax import text
     element = dict(element)
     for m, t in self.texts(element, rng).items():
-      element[self.targets[m]] = np.array(text.encode(self._tokenizer(), t, self.max_len),
-                                          np.int32)
+      n = self.sam_max_len if m == "sam_instance" else self.max_len
+      element[self.targets[m]] = np.array(text.encode(self._tokenizer(), t, n), np.int32)
     for f in self.raw_fields:
       element.pop(f, None)
     return element
@@ -82,13 +94,18 @@ class SequenceAugment:
 def for_shards(pattern: str, fields: Mapping[str, str], schema) -> SequenceAugment | None:
   """The augmentation of the token shards `pattern` (their directory's settings), or None
   when the dataset maps no augmented modality or the shards keep no raw values."""
-  if not any(m in RAW for m in fields):
+  if not any(m in AUGMENTED for m in fields):
     return None
   from pretrain_jax.data.sources import ArrayRecordSource
   directory = os.path.dirname(ArrayRecordSource(pattern).paths[0])
   settings = epath.Path(directory) / sequences.SETTINGS_FILE
-  wanted = [RAW[m] for m in fields if m in RAW]
-  if not settings.exists() or any(f not in schema for f in wanted):
+  if not settings.exists():
     return None
-  max_len = json.loads(settings.read_text())["max_len"]
-  return SequenceAugment(directory, fields, max_len)
+  # modalities whose raw values the shards keep (older shards have no SAM instances)
+  kept = {m: f for m, f in fields.items() if m in AUGMENTED and all(
+      r in schema for r in (SAM_RAW if m == "sam_instance" else (RAW[m],)))}
+  if not kept:
+    return None
+  s = json.loads(settings.read_text())
+  return SequenceAugment(directory, kept, s["max_len"], s.get("sam_max_len", s["max_len"]),
+                         s.get("sam_points", 7))

@@ -64,7 +64,8 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   schema = schema_lib.read_schema(out)
   assert set(schema) == {"index", "key", "image", "tok_depth", "tok_aim_global", "caption", "det",
                          "color_palette", "metadata", "sam_instance",
-                         "color_palette_raw", "metadata_raw"}   # raw: fourm_jax.sequence_augment
+                         "color_palette_raw", "metadata_raw",   # raw: fourm_jax.sequence_augment
+                         *sequences.SAM_RAW_FIELDS}
   ds = multimodal.dataset(f"{out}/*.array_record")
   rec, truth = ds[4], render_scene(0, 4, 32)
   np.testing.assert_array_equal(rec["image"], truth["rgb"])      # copied unchanged
@@ -102,6 +103,54 @@ def test_token_shards_hold_image_tokens_and_sequences(setup):
   assert rec["tok_aim_global"].shape == (16,)
   np.testing.assert_array_equal(glob_tok([labelled["aim_global"]])[0], rec["tok_aim_global"])
   assert glob_tok.detokenize(rec["tok_aim_global"][None]).shape == labelled["aim_global"][None].shape
+
+
+def test_training_redraws_the_sam_query_points_at_every_load(setup):
+  """Official SAMInstanceTokTransform(point_order='random') draws 7 points uniformly over the
+  image at every load and lists, per point, the instances whose polygon contains it (its box
+  in pixels and 16 mask ids). The 4M pipeline's per-record map does the same from the raw
+  instance fields: expected points are checked against the scene's own instance map."""
+  import grain
+  from fourm_jax import sequence_augment
+  out = str(setup / "tokens_sam")
+  tok_lib.tokenize(_config(setup), f"{setup}/labelled/*.array_record", out)
+  pattern = f"{out}/*.array_record"
+  aug = sequence_augment.for_shards(pattern, {"sam_instance": "sam_instance"},
+                                    multimodal.schema_of(pattern))
+  assert aug is not None and aug.sam_points == 7 and aug.sam_max_len == 290
+  ds = multimodal.dataset(pattern, fields=("index", "sam_instance", *aug.raw_fields))
+
+  class Map(grain.transforms.RandomMap):
+    def random_map(self, element, rng):
+      return aug(element, rng)
+  def epochs(seed):
+    d = ds.repeat(2).random_map(Map(), seed=seed)
+    return [d[i] for i in range(len(d))]
+  got, wp, n = epochs(5), text.load(str(setup / "text.json")), len(ds)
+  sam = tok_lib.Tokenizer(str(setup / "tok_sam"))
+  points = []
+  for i, rec in enumerate(got):
+    assert not set(sequences.SAM_RAW_FIELDS) & set(rec)       # raw fields dropped after use
+    assert rec["sam_instance"].ndim == 1 and len(rec["sam_instance"]) <= 290   # cut as stored
+    scene = render_scene(0, int(rec["index"]), 32)
+    queries = sequences.decode_sam_instances(text.decode(wp, rec["sam_instance"]))
+    assert len(queries) == 7
+    for q in queries:
+      x, y = q.point
+      k = int(scene["instance"][y, x]) - 1
+      assert len(q.boxes) == (k >= 0)
+      if k >= 0:
+        np.testing.assert_array_equal(q.boxes[0], np.rint(scene["boxes"][k] * 32))
+        crop = tok_train.instance_mask_crop(scene["instance"], scene["boxes"], k, 64)
+        np.testing.assert_array_equal(q.ids[0], sam([crop])[0].reshape(-1))
+    points.append([q.point for q in queries])
+  assert all(points[i] != points[i + n] for i in range(n))      # fresh points every epoch
+  stored = [sequences.decode_sam_instances(text.decode(wp, ds[i]["sam_instance"]))
+            for i in range(n)]
+  assert sum(points[i] == [q.point for q in stored[i]] for i in range(n)) == 0
+  again = epochs(5)                                             # same seed, same draws
+  for a, b in zip(got, again):
+    np.testing.assert_array_equal(a["sam_instance"], b["sam_instance"])
 
 
 def test_tokenizing_is_deterministic_and_resumes_after_an_interruption(setup):

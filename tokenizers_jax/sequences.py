@@ -395,8 +395,13 @@ def decode_sam_instances(text: str, ids_per_instance: int = 16) -> list[Query]:
 
 
 # ---- raw values kept in token shards, for per-sample serialisation at training time --------
-# (fourm_jax.sequence_augment reads them: palettes of 1..7 colours, shuffled metadata)
+# (fourm_jax.sequence_augment reads them: palettes of 1..7 colours, shuffled metadata, SAM
+# query points drawn per load)
 RAW_FIELDS = {"color_palette": "color_palette_raw", "metadata": "metadata_raw"}
+# sam_instance: the instance map (int [H, W], 0 = none, i + 1 = instance i), the instances'
+# boxes in pixels (int32 [N, 4], xmin ymin xmax ymax) and their SAM-mask tokenizer ids
+# (int32 [N, 16]); query points are drawn on the map
+SAM_RAW_FIELDS = ("sam_instance_map", "sam_instance_boxes", "sam_instance_ids")
 TOKENIZER_FILE = "text_tokenizer.json"   # beside the shards: their WordPiece file
 SETTINGS_FILE = "sequences.json"         # and the length their sequences were cut to
 
@@ -411,11 +416,12 @@ def metadata_dict(vector: np.ndarray) -> dict[str, float]:
   return {k: float(v) for k, v in zip(METADATA_TYPES, np.asarray(vector)) if not np.isnan(v)}
 
 
-def write_settings(directory: str, tokenizer_path: str, max_len: int) -> None:
-  """Writes, beside token shards, the WordPiece file and the sequence length they used."""
+def write_settings(directory: str, tokenizer_path: str, max_len: int, **extra) -> None:
+  """Writes, beside token shards, the WordPiece file and the sequence length they used (and
+  `extra` settings, e.g. sam_points and sam_max_len)."""
   import json
   from etils import epath
   d = epath.Path(directory)
   (d / TOKENIZER_FILE).write_text(epath.Path(tokenizer_path).read_text())
-  (d / SETTINGS_FILE).write_text(json.dumps({"max_len": int(max_len),
-                                             "raw_fields": RAW_FIELDS}, indent=1))
+  (d / SETTINGS_FILE).write_text(json.dumps({"max_len": int(max_len), "raw_fields": RAW_FIELDS,
+                                             **extra}, indent=1))

@@ -16,7 +16,8 @@ record, official keys in a fixed order) and, with a SAM-mask tokenizer
 (`sam_instance_tokenizer`), `sam_instance`: `sam_points` query points drawn
 per record (seeded by `seed` and the record's index) with the instances
 under them, each as its box and 16 mask tokens (tokenizers_jax.sequences
-gives every format). Fields named in `copy_fields` (default `image`, the
+gives every format); the raw palettes, metadata and instances are kept beside
+them, for 4M's per-sample draws (fourm_jax.sequence_augment). Fields named in `copy_fields` (default `image`, the
 RGB pixels 4M takes as input) are copied unchanged. Output shards are written to `.tmp` and renamed,
 so a rerun skips finished shards and redoes a half-written one; the result
 is deterministic, byte for byte.
@@ -160,6 +161,11 @@ def output_schema(config, in_schema: dict[str, FieldSpec], jobs,
       out["metadata_raw"] = FieldSpec("array", "float32", (len(sequences.METADATA_TYPES),))
     if sam_tok is not None:
       out["sam_instance"] = FieldSpec("array", "int32", (None,))
+      # raw instances: 4M's pipeline draws the query points per load (sequence_augment)
+      m, b, i = sequences.SAM_RAW_FIELDS
+      out[m] = in_schema["instance"]
+      out[b] = FieldSpec("array", "int32", (None, 4))
+      out[i] = FieldSpec("array", "int32", (None, None))
   return out
 
 
@@ -181,17 +187,25 @@ def _sequences(rec: dict[str, Any], schema, tok, config, names) -> dict[str, np.
   return out
 
 
-def _sam_instance(rec: dict[str, Any], sam_tok: Tokenizer, config) -> str:
-  """The record's instance map and boxes -> its sam_instance text (random query points)."""
+def _sam_instances(rec: dict[str, Any], sam_tok: Tokenizer) -> dict[str, np.ndarray]:
+  """The record's instance map and boxes -> the raw sam_instance fields
+  (sequences.SAM_RAW_FIELDS): the map, boxes in pixels, each instance's mask tokens."""
   instance, boxes = np.asarray(rec["instance"]), np.asarray(rec["boxes"]).reshape(-1, 4)
   size = sam_tok.config.data.resolution
   crops = [tok_train.instance_mask_crop(instance, boxes, i, size) for i in range(len(boxes))]
   ids = sam_tok(crops).reshape(len(boxes), -1) if crops else np.zeros((0, 16), np.int32)
   h, w = instance.shape
-  pixels = np.rint(boxes * np.array([w, h, w, h])).astype(np.int64)
-  rng = np.random.default_rng([config.seed, int(rec["index"])])
-  return sequences.encode_sam_instances(
-      sequences.sam_queries(instance, pixels, ids, config.sam_points, rng))
+  pixels = np.rint(boxes * np.array([w, h, w, h])).astype(np.int32)
+  return dict(zip(sequences.SAM_RAW_FIELDS, (instance, pixels, ids.astype(np.int32))))
+
+
+def _sam_instance(raw: dict[str, np.ndarray], config, index: int) -> str:
+  """The raw sam_instance fields -> the stored sam_instance text: `sam_points` query points
+  drawn once per record (seeded by config.seed and the record's index); training redraws
+  them per load from the raw fields."""
+  rng = np.random.default_rng([config.seed, int(index)])
+  return sequences.encode_sam_instances(sequences.sam_queries(
+      *(raw[f] for f in sequences.SAM_RAW_FIELDS), config.sam_points, rng))
 
 
 def tokenize(config, pattern: str, out: str) -> dict[str, int]:
@@ -226,9 +240,11 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   schema = output_schema(config, in_schema, jobs, sam_tok)
   epath.Path(out).mkdir(parents=True, exist_ok=True)   # local or gs://...
   schema_lib.write_schema(out, schema)
-  if "color_palette_raw" in schema or "metadata_raw" in schema:
-    # the vocabulary and length 4M's per-sample serialisation of the raw values uses
-    sequences.write_settings(out, config.text_tokenizer, config.max_len)
+  if any(f in schema for f in (*sequences.RAW_FIELDS.values(), *sequences.SAM_RAW_FIELDS)):
+    # the vocabulary and lengths 4M's per-sample serialisation of the raw values uses
+    sequences.write_settings(out, config.text_tokenizer, config.max_len,
+                             sam_max_len=int(config.sam_max_len),
+                             sam_points=int(config.sam_points))
   names = _class_names(config)
   copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
   sources = {f for _, f in jobs.values()}
@@ -251,8 +267,10 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
           if tok is not None:
             row.update(_sequences(rec, schema, tok, config, names))
           if sam_tok is not None:
-            row["sam_instance"] = np.array(text.encode(tok, _sam_instance(rec, sam_tok, config),
-                                                       config.sam_max_len), np.int32)
+            raw = _sam_instances(rec, sam_tok)
+            row.update(raw)
+            row["sam_instance"] = np.array(text.encode(
+                tok, _sam_instance(raw, config, rec["index"]), config.sam_max_len), np.int32)
           bad = schema_lib.problems(row, schema)
           if bad:
             raise ValueError(f"{rec['key']}: token record does not match the schema: {bad}")
