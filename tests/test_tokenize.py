@@ -117,7 +117,7 @@ def test_training_redraws_the_sam_query_points_at_every_load(setup):
   pattern = f"{out}/*.array_record"
   aug = sequence_augment.for_shards(pattern, {"sam_instance": "sam_instance"},
                                     multimodal.schema_of(pattern))
-  assert aug is not None and aug.sam_points == 7 and aug.sam_max_len == 290
+  assert aug is not None and aug.sam_points == 7 and aug.lengths["sam_instance"] == 290
   ds = multimodal.dataset(pattern, fields=("index", "sam_instance", *aug.raw_fields))
 
   class Map(grain.transforms.RandomMap):

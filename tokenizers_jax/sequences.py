@@ -402,6 +402,17 @@ RAW_FIELDS = {"color_palette": "color_palette_raw", "metadata": "metadata_raw"}
 # boxes in pixels (int32 [N, 4], xmin ymin xmax ymax) and their SAM-mask tokenizer ids
 # (int32 [N, 16]); query points are drawn on the map
 SAM_RAW_FIELDS = ("sam_instance_map", "sam_instance_boxes", "sam_instance_ids")
+# human_poses: per person its box in [0, 1] (float32 [N, 4]), the pose tokenizer's ids of its
+# body pose (int32 [N, 8]), global orientation [N, 9], camera [N, 3] and betas [N, 10]; the
+# groups' order is drawn per load (official HumanPoseTransform)
+POSE_RAW_FIELDS = ("human_poses_boxes", "human_poses_ids", "human_poses_global",
+                   "human_poses_camera", "human_poses_betas")
+
+
+def humans_from_raw(boxes, ids, global_orient, camera, betas) -> list["Human"]:
+  """The POSE_RAW_FIELDS arrays of a record -> its people."""
+  return [Human(*(np.asarray(a)[i] for a in (boxes, ids, global_orient, camera, betas)))
+          for i in range(len(np.asarray(boxes).reshape(-1, 4)))]
 TOKENIZER_FILE = "text_tokenizer.json"   # beside the shards: their WordPiece file
 SETTINGS_FILE = "sequences.json"         # and the length their sequences were cut to
 

@@ -16,8 +16,12 @@ record, official keys in a fixed order) and, with a SAM-mask tokenizer
 (`sam_instance_tokenizer`), `sam_instance`: `sam_points` query points drawn
 per record (seeded by `seed` and the record's index) with the instances
 under them, each as its box and 16 mask tokens (tokenizers_jax.sequences
-gives every format); the raw palettes, metadata and instances are kept beside
-them, for 4M's per-sample draws (fourm_jax.sequence_augment). Fields named in `copy_fields` (default `image`, the
+gives every format); with a pose tokenizer (`pose_tokenizer`, an mlp_vae of
+SMPL body poses) and the shards' people (HUMAN_FIELDS), `human_poses`; with a
+registered text encoder (`text_encoder`, tokenizers_jax.text_encoders), the
+caption's embeddings as `t5_caption` (float16 [L, D]). The raw palettes,
+metadata, instances and people are kept beside them, for 4M's per-sample draws
+(fourm_jax.sequence_augment). Fields named in `copy_fields` (default `image`, the
 RGB pixels 4M takes as input) are copied unchanged. Output shards are written to `.tmp` and renamed,
 so a rerun skips finished shards and redoes a half-written one; the result
 is deterministic, byte for byte.
@@ -46,6 +50,10 @@ WRITER_OPTIONS = "group_size:1"
 # the record field an image tokenizer of a modality reads, where it is not the modality's name
 INPUT_FIELDS = {"rgb": "image", "edges": "canny_edges", "features": "aim_features"}
 METADATA_FIELDS = ("image_metadata", "semantic_metadata", "geometric_metadata", "caption_length")
+# the people of a record (e.g. from 4D-Humans): boxes in [0, 1] float [N, 4], SMPL body pose
+# [N, 207] (23 rotation matrices), global orientation [N, 9], camera [N, 3], betas [N, 10]
+HUMAN_FIELDS = ("human_boxes", "human_body_pose", "human_global_orient", "human_camera",
+                "human_betas")
 
 
 class Tokenizer:
@@ -138,7 +146,7 @@ def token_jobs(config, in_schema) -> dict[str, tuple["Tokenizer", str]]:
 
 
 def output_schema(config, in_schema: dict[str, FieldSpec], jobs,
-                  sam_tok=None) -> dict[str, FieldSpec]:
+                  sam_tok=None, pose_tok=None) -> dict[str, FieldSpec]:
   out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
   out.update({f: in_schema[f] for f in config.get("copy_fields", ()) if f in in_schema})
   for field, (tok, _) in jobs.items():
@@ -166,6 +174,13 @@ def output_schema(config, in_schema: dict[str, FieldSpec], jobs,
       out[m] = in_schema["instance"]
       out[b] = FieldSpec("array", "int32", (None, 4))
       out[i] = FieldSpec("array", "int32", (None, None))
+    if pose_tok is not None:
+      out["human_poses"] = FieldSpec("array", "int32", (None,))
+      widths = (4, pose_tok.config.model.num_tokens, 9, 3, 10)
+      for f, n in zip(sequences.POSE_RAW_FIELDS, widths):
+        out[f] = FieldSpec("array", "int32" if f.endswith("_ids") else "float32", (None, n))
+  if config.get("text_encoder", ""):
+    out[config.text_encoder_field] = FieldSpec("array", config.text_encoder_dtype, (None, None))
   return out
 
 
@@ -208,6 +223,33 @@ def _sam_instance(raw: dict[str, np.ndarray], config, index: int) -> str:
       *(raw[f] for f in sequences.SAM_RAW_FIELDS), config.sam_points, rng))
 
 
+def _humans(rec: dict[str, Any], pose_tok: Tokenizer) -> dict[str, np.ndarray]:
+  """The record's people (HUMAN_FIELDS) -> the raw human_poses fields
+  (sequences.POSE_RAW_FIELDS), body poses replaced by the pose tokenizer's ids."""
+  boxes, body, orient, camera, betas = (np.asarray(rec[f], np.float32) for f in HUMAN_FIELDS)
+  n = len(boxes.reshape(-1, 4))
+  ids = (pose_tok(list(body.reshape(n, -1))) if n else
+         np.zeros((0, pose_tok.config.model.num_tokens), np.int32))
+  return dict(zip(sequences.POSE_RAW_FIELDS, (
+      boxes.reshape(n, 4), ids.astype(np.int32), orient.reshape(n, 9),
+      camera.reshape(n, 3), betas.reshape(n, 10))))
+
+
+def _pose_tokenizer(config, in_schema, tok) -> Tokenizer | None:
+  if not config.get("pose_tokenizer", ""):
+    return None
+  pose_tok = Tokenizer(config.pose_tokenizer)
+  if pose_tok.kind != "mlp_vae" or pose_tok.config.model.in_dim != 207:
+    raise ValueError(f"pose_tokenizer points at a {pose_tok.kind} tokenizer of "
+                     f"{pose_tok.modality!r}, not an mlp_vae of SMPL body poses (207 values; "
+                     "configs/tokenizers/mlp_vae.py:target=pose)")
+  missing = sorted(set(HUMAN_FIELDS) - set(in_schema))
+  if missing or tok is None:
+    raise ValueError(f"human_poses needs the shards' people {HUMAN_FIELDS} (missing: "
+                     f"{missing}) and a text_tokenizer")
+  return pose_tok
+
+
 def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   """Tokenises every shard of `pattern` into `out`; returns {"shards", "written", "records"}."""
   from array_record.python import array_record_module as arm
@@ -237,14 +279,24 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     if missing or tok is None:
       raise ValueError(f"sam_instance needs the shards' instance map and boxes (missing: "
                        f"{missing}) and a text_tokenizer")
-  schema = output_schema(config, in_schema, jobs, sam_tok)
+  pose_tok = _pose_tokenizer(config, in_schema, tok)
+  encoder = None
+  if config.get("text_encoder", ""):
+    from tokenizers_jax import text_encoders
+    if "caption" not in in_schema:
+      raise ValueError(f"text_encoder {config.text_encoder!r} embeds captions, but the input "
+                       f"shards have none (fields: {sorted(in_schema)})")
+    encoder = text_encoders.load(config.text_encoder, config.get("text_encoder_import", ""))
+  schema = output_schema(config, in_schema, jobs, sam_tok, pose_tok)
   epath.Path(out).mkdir(parents=True, exist_ok=True)   # local or gs://...
   schema_lib.write_schema(out, schema)
-  if any(f in schema for f in (*sequences.RAW_FIELDS.values(), *sequences.SAM_RAW_FIELDS)):
+  if any(f in schema for f in (*sequences.RAW_FIELDS.values(), *sequences.SAM_RAW_FIELDS,
+                                *sequences.POSE_RAW_FIELDS)):
     # the vocabulary and lengths 4M's per-sample serialisation of the raw values uses
     sequences.write_settings(out, config.text_tokenizer, config.max_len,
                              sam_max_len=int(config.sam_max_len),
-                             sam_points=int(config.sam_points))
+                             sam_points=int(config.sam_points),
+                             pose_max_len=int(config.get("pose_max_len", config.max_len)))
   names = _class_names(config)
   copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
   sources = {f for _, f in jobs.values()}
@@ -261,6 +313,10 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
       for start in range(0, len(ds), config.batch_size):
         recs = [ds[i] for i in range(start, min(start + config.batch_size, len(ds)))]
         toks = {name: t([r[f] for r in recs]) for name, (t, f) in jobs.items()}
+        if encoder is not None:
+          from tokenizers_jax import text_encoders
+          embs = text_encoders.embed(encoder, [r["caption"] for r in recs],
+                                     config.text_encoder_max_len, config.text_encoder_dtype)
         for j, rec in enumerate(recs):
           row = {"index": rec["index"], "key": rec["key"], **{f: rec[f] for f in copied}}
           row.update({name: toks[name][j] for name in jobs})
@@ -271,6 +327,14 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
             row.update(raw)
             row["sam_instance"] = np.array(text.encode(
                 tok, _sam_instance(raw, config, rec["index"]), config.sam_max_len), np.int32)
+          if pose_tok is not None:
+            raw = _humans(rec, pose_tok)
+            row.update(raw)   # stored with the groups in a fixed order; training shuffles them
+            humans = sequences.humans_from_raw(*(raw[f] for f in sequences.POSE_RAW_FIELDS))
+            row["human_poses"] = np.array(text.encode(tok, sequences.encode_poses(humans),
+                                                      config.pose_max_len), np.int32)
+          if encoder is not None:
+            row[config.text_encoder_field] = embs[j]
           bad = schema_lib.problems(row, schema)
           if bad:
             raise ValueError(f"{rec['key']}: token record does not match the schema: {bad}")

@@ -25,6 +25,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sam_points = 7             # query points per record (4M-21: 7, drawn at random)
   c.sam_max_len = 290          # 4M-21's longest sam_instance sequence, [EOS] included
   c.seed = 0                   # seeds the query points (with each record's index)
+  c.pose_tokenizer = ""        # an mlp_vae of SMPL body poses (mlp_vae.py:target=pose): adds
+                               # human_poses from the shards' human_* fields
+  c.pose_max_len = 263         # 4M-21's human_poses length, [EOS] included
+  c.text_encoder = ""          # 'NAME[:ARG]' registered in tokenizers_jax.text_encoders: adds the
+                               # caption's embeddings (4M-21's t5_caption)
+  c.text_encoder_import = ""   # modules to import first (where the encoder registers itself)
+  c.text_encoder_field = "t5_caption"
+  c.text_encoder_max_len = 77  # embeddings kept per caption (4M-21: 77)
+  c.text_encoder_dtype = "float16"
   c.text_tokenizer = ""        # WordPiece file (tokenizers_jax.text); '' = no sequence modalities
   c.class_names = "scenes"     # box class ids -> names: 'scenes' or comma-separated names
   c.palette_size = 3           # which of the 1..7-colour palettes to tokenise
