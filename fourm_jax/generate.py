@@ -51,7 +51,9 @@ px, sequences and text conditions as wrapped text), generations.json (the
 columns, the sequences as text, the settings, the decoding steps) and
 tokens.npz; a global-embedding target (tok_dinov2_global, ...) is shown as its
 tokens, and with an MLP tokenizer among --tokenizers (modality 'global') also
-detokenized into embeddings.npz.
+detokenized into embeddings.npz. A --tokenizers entry DIR serves every
+modality of its kind; MODALITY=DIR serves that modality alone (two global
+embeddings, or CLIP and DINOv2 feature maps, in one call).
 """
 from __future__ import annotations
 
@@ -131,6 +133,31 @@ def condition_modality(key: str, model) -> str:
   return resolve(key, [m.name for m in model.inputs])
 
 
+def tokenizer_for(name: str, tokenizers: dict):
+  """The tokenizer of the model modality `name`: one given for it by name (--tokenizers
+  MODALITY=DIR), else the one of its kind (a plain DIR, keyed by the tokenizer's modality);
+  None when there is neither."""
+  return tokenizers.get(name) or tokenizers.get(tokenizer_kind(name))
+
+
+def load_tokenizers(dirs, model) -> dict:
+  """--tokenizers entries -> {model modality or tokenizer kind: Tokenizer}. DIR is keyed by
+  its tokenizer's modality (rgb, depth, global, ...); MODALITY=DIR by the model modality it
+  names, so two modalities of one kind (tok_dinov2_global and tok_imagebind_global, CLIP and
+  DINOv2 feature maps) each get their own."""
+  from tokenizers_jax.tokenize import Tokenizer
+  names = [m.name for m in (*model.inputs, *model.targets)]
+  out = {}
+  for entry in dirs:
+    key, eq, d = entry.partition("=")
+    if eq and key and "/" not in key:
+      out[resolve(key, names)] = Tokenizer(d)
+    else:
+      tok = Tokenizer(entry)
+      out[tok.modality] = tok
+  return out
+
+
 def build_conditions(conditions, model, n: int, tokenizers: dict, text_tok):
   """['MOD:VALUE', ...] -> ({modality: {"tensor"}} for Sampler.init_state, {modality: uint8
   image to draw})."""
@@ -161,10 +188,10 @@ def build_conditions(conditions, model, n: int, tokenizers: dict, text_tok):
       drawn[name] = image
       given[name] = {"tensor": np.repeat(transforms.normalize(image)[None], n, 0)}
     else:
-      kind = tokenizer_kind(name)
-      if kind not in tokenizers:
-        raise ValueError(f"--condition={cond!r}: no --tokenizers entry for {kind or name}")
-      tok = tokenizers[kind]
+      tok = tokenizer_for(name, tokenizers)
+      if tok is None:
+        raise ValueError(f"--condition={cond!r}: no --tokenizers entry for "
+                         f"{tokenizer_kind(name) or name}")
       size = tok.config.data.resolution
       image = transforms.resize_center_crop(_read_image(value), size, crop_fraction=1.0)
       drawn[name] = image
@@ -301,12 +328,8 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
   `conditions` and writes the figure, the JSON and the tokens to `out`."""
   from fourm_jax import load as load_lib
   from tokenizers_jax import text
-  from tokenizers_jax.tokenize import Tokenizer
   model, params, _ = load_lib.load(workdir)
-  tokenizers = {}
-  for d in tokenizer_dirs:
-    tok = Tokenizer(d)
-    tokenizers[tok.modality] = tok
+  tokenizers = load_tokenizers(tokenizer_dirs, model)
   text_tok = text.load(text_tokenizer) if text_tokenizer else None
   given, drawn = build_conditions(conditions, model, num_samples, tokenizers, text_tok)
   sampler = sampler_lib.Sampler(model, params)
@@ -320,7 +343,7 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
                                   temperature, top_k, top_p, guidance)
   for name in target_names:      # global tokens are written without a tokenizer too
     if (sampler.modalities[name].kind not in ("seq", "global")
-        and tokenizer_kind(name) not in tokenizers):
+        and tokenizer_for(name, tokenizers) is None):
       raise ValueError(f"target {name}: no --tokenizers entry to detokenize it "
                        f"({tokenizer_kind(name) or 'unknown kind'})")
   groups = weights = None
@@ -346,17 +369,18 @@ def run(workdir: str, conditions, targets, out: str, tokenizer_dirs=(), text_tok
       sequences[name] = [text.decode(text_tok, row) if text_tok else row.tolist() for row in t]
     elif m.kind == "global":    # an embedding: its vector (with a tokenizer) and its tokens
       texts = [f"tokens {' '.join(map(str, row))}" for row in t]
-      if "global" in tokenizers:
-        vec = np.asarray(tokenizers["global"].detokenize(t.reshape(num_samples, -1), seed=seed))
+      tok = tokenizer_for(name, tokenizers)
+      if tok is not None:
+        vec = np.asarray(tok.detokenize(t.reshape(num_samples, -1), seed=seed))
         embeddings[name] = vec
         texts = [f"embedding [{v.size}]: norm {np.linalg.norm(v):.3g}, first "
                  f"{' '.join(f'{x:.2f}' for x in v.reshape(-1)[:4])} ... ({tx})"
                  for v, tx in zip(vec, texts)]
       sequences[name] = texts
     else:
-      kind = tokenizer_kind(name)
-      values = tokenizers[kind].detokenize(t.reshape(num_samples, *m.grid), seed=seed)
-      images[name] = visualize(kind, values)
+      tok = tokenizer_for(name, tokenizers)
+      values = tok.detokenize(t.reshape(num_samples, *m.grid), seed=seed)
+      images[name] = visualize(tok.modality, values)
   columns = condition_columns(conditions, model, drawn, num_samples)
   for name in target_names:
     if name in images:
@@ -421,7 +445,8 @@ if __name__ == "__main__":
   cli.show_in_help("workdir")
   flags.DEFINE_multi_string("condition", [], "MODALITY:VALUE (text, image file or .npy).")
   flags.DEFINE_string("targets", "", "Comma-separated modalities to generate, in order.")
-  flags.DEFINE_string("tokenizers", "", "Comma-separated tokenizers_jax.train workdirs.")
+  flags.DEFINE_string("tokenizers", "", "Comma-separated tokenizers_jax.train workdirs, each "
+                      "DIR (for every modality of its kind) or MODALITY=DIR (for that one).")
   flags.DEFINE_string("text_tokenizer", "", "The WordPiece file of the sequence modalities.")
   flags.DEFINE_string("out", "", "Output directory.")
   flags.DEFINE_integer("num_samples", 4, "Samples per condition.")

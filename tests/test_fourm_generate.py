@@ -362,3 +362,30 @@ def test_generate_cli_schedule_and_weights_parse_into_steps(tmp_path):
   assert generate.guidance_weights("caption:3", ["caption"], [DEPTH, RGB])[1] == [3.0]
   with pytest.raises(ValueError, match="no weight to the conditions"):
     generate.guidance_weights("caption:3", ["caption", RGB], [DEPTH])
+
+
+def test_tokenizers_given_per_modality_serve_two_modalities_of_one_kind(monkeypatch):
+  """--tokenizers=DIR serves every modality of its tokenizer's kind; MODALITY=DIR serves
+  that modality alone, so two global embeddings get their own MLP tokenizers."""
+  import types
+  from fourm_jax import generate
+  from tokenizers_jax import tokenize as tok_lib
+
+  class FakeTokenizer:
+    def __init__(self, workdir):
+      self.workdir = workdir
+      self.modality = "global" if "global" in workdir else "depth"
+  monkeypatch.setattr(tok_lib, "Tokenizer", FakeTokenizer)
+  rows = modalities.get("tok_depth@224,tok_dinov2_global,tok_imagebind_global")
+  model = types.SimpleNamespace(inputs=rows, targets=rows)
+  toks = generate.load_tokenizers(["w/tok_depth", "tok_dinov2_global=w/global_a",
+                                   "imagebind_global=w/global_b"], model)
+  assert set(toks) == {"depth", "tok_dinov2_global", "tok_imagebind_global"}
+  assert generate.tokenizer_for("tok_depth@224", toks).workdir == "w/tok_depth"
+  assert generate.tokenizer_for("tok_dinov2_global", toks).workdir == "w/global_a"
+  assert generate.tokenizer_for("tok_imagebind_global", toks).workdir == "w/global_b"
+  assert generate.tokenizer_for("tok_rgb@224", toks) is None
+  one = generate.load_tokenizers(["w/global_c"], model)      # by kind: both globals
+  assert generate.tokenizer_for("tok_imagebind_global", one).workdir == "w/global_c"
+  with pytest.raises(ValueError, match="no modality of the model matches 'clip'"):
+    generate.load_tokenizers(["clip=w/tok_clip"], model)
