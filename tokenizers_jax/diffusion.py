@@ -311,6 +311,7 @@ class DiffusionTokenizer(nn.Module):
   qkv_bias: bool = True
   post_mlp: bool = True
   norm_latents: bool = False
+  pos_grid: int = 0             # the encoder's position table grid (vqvae.VQVAE.pos_grid)
 
   def setup(self):
     from tokenizers_jax.vqvae import VQVAE
@@ -319,7 +320,8 @@ class DiffusionTokenizer(nn.Module):
                            ema_decay=self.ema_decay, restart_factor=self.restart_factor,
                            commitment=self.commitment, norm_latents=self.norm_latents,
                            mlp_ratio=self.mlp_ratio,
-                           qkv_bias=self.qkv_bias, post_mlp=self.post_mlp)
+                           qkv_bias=self.qkv_bias, post_mlp=self.post_mlp,
+                           pos_grid=self.pos_grid)
     self.unet = PatchedUNet(self.out_channels, self.base_channels, tuple(self.channel_mult),
                             self.num_res_blocks, self.attn_levels,
                             tuple(self.attention_resolutions), self.unet_heads, self.unet_patch)

@@ -19,10 +19,27 @@ reconstruction loss of the modality (the diffusion decoder's on its
 prediction target: `diffusion.loss`, smooth L1 for depth and edges, MSE for
 RGB and normals) plus the quantizer's commitment loss (weight 1, MSE on the
 raw latents); the MLP dVAEs train their Memcodes by hard Gumbel-softmax.
+
+Multi-resolution training (ViT VQ-VAE and diffusion tokenizers), as the
+official run_training_vqvae.py / run_training_divae.py with input_size_min,
+input_size_max and resolution_step: `data.resolutions = (min, max, step)`
+trains at range(min, max + step, step) (`resolutions`). The data is rendered
+or loaded at the largest (data.resolution is set to it); every step resizes
+its batch to one resolution, drawn from (seed, step) alone
+(`resolution_for_step`, so a resumed run draws the same ones), bilinearly
+(nearest for class ids) as PyTorch's F.interpolate(align_corners=False)
+(`prepare`'s `resolution`, tokenizers_jax.vqvae.resize); the ViT's positions
+are the official fixed table at the largest grid, bicubic-resized to the
+step's grid (model.pos_grid, tokenizers_jax.vqvae.position_table). The train
+step is compiled once, for all resolutions: the batch carries the step's
+resolution index and a lax.switch runs that resolution's branch (each branch
+traced at its own static shapes; only the chosen one executes). Evaluation
+runs at the largest resolution.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import grain
 import jax
@@ -40,8 +57,107 @@ KINDS = ("vqvae", "diffusion", "mlp_vae")
 VECTOR_TARGETS = {"global": "cosine", "pose": "smooth_l1"}
 
 
-def prepare(modality: str, value: np.ndarray) -> np.ndarray:
-  """A stored modality -> the tokenizer's input/target (float32, or int32 class ids)."""
+# the batch key holding each step's index into `resolutions(config)` (multi-resolution runs)
+RESOLUTION_KEY = "resolution_index"
+# modalities given as class ids: resized by nearest neighbour, the others bilinearly
+CLASS_ID_MODALITIES = ("semantic", "sam_mask")
+
+
+def prepare(modality: str, value: np.ndarray, resolution: int | tuple[int, int] | None = None
+            ) -> np.ndarray:
+  """A stored modality -> the tokenizer's input/target (float32, or int32 class ids).
+
+  resolution (side, or (height, width); None = as stored): the prepared image resized as the
+  multi-resolution training resizes its batches (PyTorch's F.interpolate, align_corners=False:
+  bilinear, nearest for class ids; `vqvae.resize`), e.g. a 448 px image for a tokenizer
+  trained at data.resolutions (224, 448, 32), or a stored 224 px one up to 448. For feature
+  maps it is the grid side. Vector modalities have none."""
+  x = _prepare(modality, value)
+  if resolution is None:
+    return x
+  if modality in VECTOR_TARGETS:
+    raise ValueError(f"{modality!r} is a vector: it has no resolution to resize to")
+  size = (resolution, resolution) if np.ndim(resolution) == 0 else tuple(resolution)
+  return resize_batch(modality, x[None], size)[0]
+
+
+def resize_batch(modality: str, x, size: int | tuple[int, int]):
+  """Prepared images [B, H, W(, C)] (numpy or jax) -> [B, *size(, C)]: bilinear, or nearest
+  for class ids, as PyTorch's F.interpolate(align_corners=False) and the official tokenizer
+  training. The same size returns x unchanged."""
+  size = (size, size) if np.ndim(size) == 0 else tuple(size)
+  mode = "nearest" if modality in CLASS_ID_MODALITIES else "bilinear"
+  return vqvae.resize(x, size, mode)
+
+
+def resolutions(config) -> tuple[int, ...]:
+  """The training resolutions of config.data.resolutions = (min, max, step):
+  range(min, max + step, step), as the official input_size_min, input_size_max and
+  resolution_step; () when unset or empty (one resolution: data.resolution). ValueError
+  naming the key for anything else: not three integers, step <= 0, min <= 0, min > max,
+  max - min not a multiple of step, a resolution that is not a multiple of the patch size
+  (for the diffusion decoder also of its UNet patch times 2^(levels - 1)), or a modality
+  without image resolutions (vectors, feature maps, SAM masks)."""
+  spec = config.data.get("resolutions", ()) or ()
+  key = "data.resolutions"
+  if isinstance(spec, str) or not hasattr(spec, "__len__"):
+    raise ValueError(f"config key '{key}' must be (min, max, step), e.g. (224, 448, 32); "
+                     f"got {spec!r}")
+  if not len(spec):
+    return ()
+  if len(spec) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                               for v in spec):
+    raise ValueError(f"config key '{key}' must be three integers (min, max, step), e.g. "
+                     f"(224, 448, 32); got {tuple(spec)!r}")
+  lo, hi, step = (int(v) for v in spec)
+  if step <= 0:
+    raise ValueError(f"config key '{key}': step must be positive, got {step}")
+  if lo <= 0 or lo > hi:
+    raise ValueError(f"config key '{key}': need 0 < min <= max, got min {lo}, max {hi}")
+  if (hi - lo) % step:
+    raise ValueError(f"config key '{key}': max - min ({hi - lo}) must be a multiple of the "
+                     f"step {step}, so that the largest resolution is max")
+  kind = config.get("kind", "vqvae")
+  if kind == "mlp_vae" or config.modality in VECTOR_TARGETS or config.modality in (
+      "features", "sam_mask"):
+    raise ValueError(f"config key '{key}': the {config.modality!r} tokenizer has no image "
+                     "resolutions to train at (multi-resolution is for image modalities)")
+  choices = tuple(range(lo, hi + 1, step))
+  unit, why = config.model.patch_size, f"the patch size {config.model.patch_size}"
+  if kind == "diffusion":
+    d = config.diffusion
+    down = d.get("patch_size", diffusion.PATCH) * 2 ** (len(d.channel_mult) - 1)
+    unit = int(np.lcm(unit, down))
+    why = (f"{unit} (the patch size {config.model.patch_size} and the UNet's "
+           f"{d.get('patch_size', diffusion.PATCH)}-pixel patches over "
+           f"{len(d.channel_mult)} levels)")
+  bad = [r for r in choices if r % unit]
+  if bad:
+    raise ValueError(f"config key '{key}' = {(lo, hi, step)}: the resolutions {bad} are not "
+                     f"multiples of {why}")
+  return choices
+
+
+def resolution_for_step(seed: int, step: int, choices) -> int:
+  """The resolution of training step `step` (1-based, as the loop counts): a choice drawn
+  from (seed, step) alone (a CRC-32 of both; the official code takes hash(str(step))), so a
+  resumed run trains at the same resolutions as an uninterrupted one."""
+  choices = tuple(choices)
+  return choices[zlib.crc32(f"{int(seed)}:{int(step)}".encode()) % len(choices)]
+
+
+def pos_grid(config) -> int:
+  """The ViT position table's grid (model.pos_grid): as set when >= 0 (0 = sin-cos computed
+  at each call's grid); -1 or unset: the largest training resolution / patch size with
+  data.resolutions, else 0."""
+  g = int(config.model.get("pos_grid", -1))
+  if g >= 0:
+    return g
+  choices = resolutions(config)
+  return max(choices) // config.model.patch_size if choices else 0
+
+
+def _prepare(modality: str, value: np.ndarray) -> np.ndarray:
   if modality == "rgb":
     return np.asarray(value, np.float32) / 127.5 - 1.0
   if modality == "depth":
@@ -79,6 +195,8 @@ class _SyntheticPoses:
 
 
 class _Scenes:
+  """Rendered scenes at `resolution` (a multi-resolution run's largest)."""
+
   def __init__(self, num: int, seed: int, resolution: int, modality: str):
     self.num, self.seed, self.resolution, self.modality = num, seed, resolution, modality
 
@@ -114,11 +232,28 @@ def instance_mask_crop(instance: np.ndarray, boxes: np.ndarray, i: int, size: in
 
 
 class _Field(grain.transforms.Map):
-  def __init__(self, field: str, modality: str):
-    self.field, self.modality = field, modality
+  """A record's field, prepared; resized to `resolution` (multi-resolution runs load every
+  record at the largest) unless it is None."""
+
+  def __init__(self, field: str, modality: str, resolution: int | None = None):
+    self.field, self.modality, self.resolution = field, modality, resolution
 
   def map(self, element):
-    return {"x": prepare(self.modality, element[self.field])}
+    return {"x": prepare(self.modality, element[self.field], self.resolution)}
+
+
+class _StepResolution(grain.transforms.MapWithIndex):
+  """Adds RESOLUTION_KEY, int32 [rows], to batch i (trained at step i + 1): the index in
+  `choices` of resolution_for_step(seed, i + 1). The iterator's checkpointed position keeps
+  it on resume."""
+
+  def __init__(self, seed: int, choices: tuple[int, ...]):
+    self.seed, self.choices = seed, tuple(choices)
+
+  def map_with_index(self, index, element):
+    r = resolution_for_step(self.seed, index + 1, self.choices)
+    rows = len(element["x"])
+    return {**element, RESOLUTION_KEY: np.full((rows,), self.choices.index(r), np.int32)}
 
 
 def _dataset(data_cfg, spec: str, modality: str, split: str,
@@ -148,7 +283,8 @@ def _records(data_cfg, spec: str, modality: str, split: str, key: str) -> grain.
     return grain.MapDataset.source(_SyntheticPoses(int(arg or 100_000), seed))
   if kind == "arrayrecord":
     field = data_cfg.field or modality
-    return multimodal.dataset(arg, fields=(field,), key=key).map(_Field(field, modality))
+    size = data_cfg.resolution if data_cfg.get("resolutions", ()) else None
+    return multimodal.dataset(arg, fields=(field,), key=key).map(_Field(field, modality, size))
   raise ValueError(f"config key '{key}': tokenizer data spec {spec!r}: use scenes:N, "
                    "arrayrecord:GLOB or synthetic_poses:N")
 
@@ -232,7 +368,7 @@ def build_model(config):
                           m.get("expansion", 4), m.get("official", False))
   spec = modality_spec(config)
   vit = dict(mlp_ratio=m.get("mlp_ratio", 4.0), qkv_bias=m.get("qkv_bias", True),
-             post_mlp=m.get("post_mlp", True))
+             post_mlp=m.get("post_mlp", True), pos_grid=pos_grid(config))
   if kind == "diffusion":
     if spec.class_ids:
       raise ValueError(f"the diffusion decoder is for continuous modalities, not "
@@ -265,6 +401,9 @@ def _dummy_input(config):
 
 def build_task(config) -> loop.Task:
   kind = config.get("kind", "vqvae")
+  choices = resolutions(config) if kind != "mlp_vae" else ()
+  if choices:   # loaded at the largest; written back so config.json records it
+    config.data.resolution = max(choices)
   if kind == "mlp_vae" and not config.model.in_dim:
     # the vector size comes from the data; written back so config.json records it
     config.model.in_dim = int(_dataset(config.data, config.data.train, config.modality,
@@ -314,12 +453,27 @@ def build_task(config) -> loop.Task:
     return rec, {"reconstruction": rec, "codebook_usage": aux["usage"],
                  "perplexity": aux["perplexity"]}
 
-  def loss_fn(params, batch, rng, extra):
+  def image_loss(params, x, rng, extra):
     rec, aux, updates = (diffusion_loss if kind == "diffusion" else vqvae_loss)(
-        params, batch, rng, extra)
+        params, {"x": x}, rng, extra)
     metrics = {"reconstruction": rec, "commit": aux["commit_loss"],
                "codebook_usage": aux["usage"], "perplexity": aux["perplexity"]}
     return rec + aux["commit_loss"], (metrics, {"vq": updates["vq"]})
+
+  def at_resolution(r):
+    def branch(params, x, rng, extra):
+      loss, (metrics, new_extra) = image_loss(params, resize_batch(config.modality, x, r),
+                                              rng, extra)
+      return loss, ({**metrics, "resolution": jnp.float32(r)}, new_extra)
+    return branch
+
+  def loss_fn(params, batch, rng, extra):
+    """The batch's loss at its step's resolution (batch[RESOLUTION_KEY], multi-resolution
+    training: one lax.switch branch per resolution), else as loaded (evaluation)."""
+    if not choices or RESOLUTION_KEY not in batch:
+      return image_loss(params, batch["x"], rng, extra)
+    return jax.lax.switch(batch[RESOLUTION_KEY][0], [at_resolution(r) for r in choices],
+                          params, batch["x"], rng, extra)
 
   def checked(ds, split):
     if config.modality != "semantic":
@@ -330,6 +484,8 @@ def build_task(config) -> loop.Task:
     ds = checked(_dataset(config.data, config.data.train, config.modality, "train"), "train")
     ds = ds.shuffle(seed=config.seed).repeat(None)
     ds = pipeline.ProcessRows(ds, config.batch_size, rows).batch(len(rows), drop_remainder=True)
+    if choices:
+      ds = ds.map_with_index(_StepResolution(config.seed, choices))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.threads,
                                                 prefetch_buffer_size=2))
 

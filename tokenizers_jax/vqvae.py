@@ -6,8 +6,11 @@
 The architecture is the official 4M tokenizers' (fourm.vq VQVAE with
 ViTEncoder/ViTDecoder): qkv and projection biases, exact GELU, a residual
 tanh MLP in place of a final LayerNorm (`post_mlp`), and 2D sine-cosine
-positions with the row first, computed for the grid at call time, so one
-tokenizer runs at 224 (14 x 14 tokens) and 448 (28 x 28). Official
+positions with the row first: computed for the grid at call time (`pos_grid`
+0), or, as the official ViTs, a fixed table at the `pos_grid` x `pos_grid`
+grid (the largest training resolution / patch) bicubic-resized to the call's
+grid (`position_table`, `resize_weights`); either way one tokenizer runs at
+224 (14 x 14 tokens) and 448 (28 x 28). Official
 checkpoints load through tokenizers_jax.convert. Per-modality
 reconstruction losses (`reconstruction_loss`): MSE (RGB), smooth L1 (depth,
 normals, feature maps), cross-entropy over classes (segmentation; C_out =
@@ -21,11 +24,100 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pretrain_jax import positions
 from tokenizers_jax.quantizers import VectorQuantizer
 
 LOSSES = ("mse", "l1", "smooth_l1", "cross_entropy")
+
+
+RESIZE_MODES = ("bicubic", "bilinear", "nearest")
+
+
+def resize_weights(in_size: int, out_size: int, mode: str = "bicubic") -> np.ndarray:
+  """float64 [out_size, in_size]: row i holds the weights of the input samples that output
+  sample i mixes, as PyTorch's F.interpolate(mode=mode, align_corners=False,
+  antialias=False) computes them along one axis (2D resizing is separable: rows, then
+  columns). The source coordinate of output i is s = (i + 0.5) * in / out - 0.5 (in
+  float32, as PyTorch for float32 inputs);
+  'bilinear' clamps s at 0 and mixes floor(s) and floor(s) + 1 (clamped to the last
+  sample), 'bicubic' mixes floor(s) - 1 .. floor(s) + 2 with Keys' cubic convolution
+  weights (a = -0.75), indices clamped to the border (the edge sample repeats); 'nearest'
+  picks floor(i * in / out) (float32 scale, as PyTorch). Equal sizes give the identity."""
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"unknown resize mode {mode!r}; known: {RESIZE_MODES}")
+  if in_size <= 0 or out_size <= 0:
+    raise ValueError(f"cannot resize {in_size} samples to {out_size}")
+  if in_size == out_size:
+    return np.eye(in_size)
+  w = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  if mode == "nearest":
+    w[rows, nearest_indices(in_size, out_size)] = 1.0
+    return w
+  # in float32 as PyTorch computes it for float32 images (the sizes' ratio rounded)
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = (scale * (rows.astype(np.float32) + np.float32(0.5)) - np.float32(0.5)).astype(np.float64)
+  if mode == "bilinear":
+    src = np.maximum(src, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    lam = src - i0
+    np.add.at(w, (rows, np.minimum(i0, in_size - 1)), 1.0 - lam)
+    np.add.at(w, (rows, np.minimum(i0 + 1, in_size - 1)), lam)
+    return w
+  a = -0.75                               # PyTorch's (and Keys') cubic coefficient
+  i0 = np.floor(src).astype(np.int64)
+  t = src - i0
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1             # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a       # 1 < |x| < 2
+  for k, coef in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
+    np.add.at(w, (rows, np.clip(i0 - 1 + k, 0, in_size - 1)), coef)
+  return w
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """int64 [out_size]: PyTorch's 'nearest' source indices, min(floor(i * scale), in - 1)
+  with scale = in / out in float32 (exact for 2x)."""
+  if in_size == out_size:
+    return np.arange(out_size)
+  scale = np.float32(in_size) / np.float32(out_size)
+  idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(idx, in_size - 1)
+
+
+def resize(x, size: tuple[int, int], mode: str = "bilinear"):
+  """Batched images [B, H, W] or [B, H, W, C] (numpy or jax) -> [B, *size(, C)] as
+  PyTorch's F.interpolate(mode, align_corners=False) (`resize_weights`). 'nearest' gathers
+  (class ids keep their dtype); the others are two matrix products in float32 (HIGHEST
+  precision under jit). The same size returns x unchanged."""
+  hh, ww = x.shape[1], x.shape[2]
+  oh, ow = int(size[0]), int(size[1])
+  if (hh, ww) == (oh, ow):
+    return x
+  xp = np if isinstance(x, np.ndarray) else jnp
+  if mode == "nearest":
+    return xp.take(xp.take(x, nearest_indices(hh, oh), axis=1), nearest_indices(ww, ow), axis=2)
+  wh = resize_weights(hh, oh, mode).astype(np.float32)
+  ww_ = resize_weights(ww, ow, mode).astype(np.float32)
+  spec = "oh,bhw,pw->bop" if x.ndim == 3 else "oh,bhwc,pw->bopc"
+  if xp is np:
+    return np.einsum(spec, wh, np.asarray(x, np.float32), ww_).astype(np.float32)
+  return jnp.einsum(spec, wh, x.astype(jnp.float32), ww_, precision=jax.lax.Precision.HIGHEST)
+
+
+def position_table(height: int, width: int, dim: int, grid: int = 0) -> np.ndarray:
+  """float32 [height * width, dim]: the 4M tokenizers' 2D sin-cos positions (row first) for a
+  height x width grid. grid 0: computed at that grid. grid > 0: the official fourm.vq
+  ViTEncoder/ViTDecoder `pos_emb`, a fixed table built at grid x grid (the tokenizer's
+  image_size / patch) and bicubic-resized to the call's grid as F.interpolate(mode='bicubic',
+  align_corners=False) does (`resize_weights`); at grid x grid it is the table itself."""
+  if not grid or (height, width) == (grid, grid):
+    return positions.sincos_2d(height, width, dim, rows_first=True)
+  table = positions.sincos_2d(grid, grid, dim, rows_first=True).reshape(grid, grid, dim)
+  out = np.einsum("oh,hwd,pw->opd", resize_weights(grid, height, "bicubic"),
+                  table.astype(np.float64), resize_weights(grid, width, "bicubic"))
+  return out.reshape(height * width, dim).astype(np.float32)
 
 
 def _norm(name: str, eps: float = 1e-6):
@@ -78,6 +170,7 @@ class _ViT(nn.Module):
   no final LayerNorm, and with `post_mlp` a residual tanh MLP on the last
   block's output (x + fc2(tanh(fc1(LN(x))))). proj_in and proj_out play the
   official patch projection / post_quant_proj and quant_proj / out_proj.
+  pos_grid > 0: positions from the table at that grid, bicubic-resized (`position_table`).
   """
   width: int
   depth: int
@@ -86,12 +179,13 @@ class _ViT(nn.Module):
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   post_mlp: bool = True
+  pos_grid: int = 0
 
   @nn.compact
   def __call__(self, x):
     b, h, w, _ = x.shape
     x = nn.Dense(self.width, name="proj_in")(x).reshape(b, h * w, self.width)
-    x = x + jnp.asarray(positions.sincos_2d(h, w, self.width, rows_first=True))[None]
+    x = x + jnp.asarray(position_table(h, w, self.width, self.pos_grid))[None]
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
     for i in range(self.depth):
@@ -159,9 +253,13 @@ class VQVAE(nn.Module):
   # class ids through a learned embedding of this width (official cls_emb) instead of one-hot
   class_embed_dim: int = 0
   norm_latents: bool = False   # commitment / straight-through on l2-normalised latents
+  # positions: 0 = sin-cos at each call's grid; G > 0 = the official fixed table at G x G (the
+  # largest training image / patch) bicubic-resized to the call's grid (`position_table`)
+  pos_grid: int = 0
 
   def setup(self):
-    vit = dict(mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, post_mlp=self.post_mlp)
+    vit = dict(mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, post_mlp=self.post_mlp,
+               pos_grid=self.pos_grid)
     self.encoder = _ViT(self.width, self.enc_depth, self.heads, self.code_dim, **vit)
     self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, self.ema_decay,
                                      self.restart_factor, self.commitment, self.norm_latents)

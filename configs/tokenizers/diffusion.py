@@ -9,6 +9,9 @@ that predicts x0 from 1000 linear-schedule DDPM steps rescaled to zero terminal
 SNR, trained with the official per-modality loss (smooth L1 for depth and edges,
 MSE for RGB and normals; cfgs/default/tokenization/divae), sampled with DDIM
 (`diffusion.sample_steps`, 25) for the reconstruction grids and detokenizing.
+Multi-resolution fine-tuning as the official DiVAEs (224 to 448 px in steps of 32):
+--config.data.resolutions='(224,448,32)'; each resolution must be a multiple of the
+UNet's 4-pixel patches times 2^(levels - 1) (32 for the 4 levels of B16).
 """
 import importlib.util
 import os

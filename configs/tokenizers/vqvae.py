@@ -10,7 +10,9 @@ encoder and decoder at 224 px with the paper's codebook for the modality).
 labeller's [K, D] maps, one token per feature vector, smooth L1): pass
 --config.data.train/eval=arrayrecord:GLOB. B16 has no default data either: set
 --config.data.train (and data.eval, at least one batch, to validate), or it
-stops at start naming the key.
+stops at start naming the key. Multi-resolution fine-tuning as the official
+tokenizers (e.g. 224 to 448 px): --config.data.resolutions='(224,448,32)'
+(tokenizers_jax.train.resolutions).
 """
 import ml_collections
 
@@ -61,6 +63,10 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
   c.data.resolution = 64 if c.modality == "sam_mask" else (32 if tiny else 224)
   if c.modality == "features":         # the grid side; 0 = read from the data
     c.data.resolution = 0 if tiny else 16
+  # multi-resolution fine-tuning (official input_size_min/max, resolution_step): (min, max, step),
+  # e.g. (224, 448, 32); each step trains at one of range(min, max + step, step), drawn from
+  # (seed, step), its batch resized from the largest (data.resolution becomes max). () = off
+  c.data.resolutions = ()
   c.data.scenes_seed = 0
   c.data.threads = 2 if tiny else 16
 
@@ -74,6 +80,10 @@ def get_config(arg: str = "modality=depth,variant=tiny") -> ml_collections.Confi
   c.model.dec_depth = 2 if tiny else 12
   c.model.heads = 2 if tiny else 12
   c.model.num_codes = 256 if tiny else NUM_CODES[c.modality]
+  # ViT positions: -1 = the official fixed sin-cos table at the largest data.resolutions grid,
+  # bicubic-resized to each step's grid (without data.resolutions: 0); 0 = sin-cos computed at
+  # each call's grid; G > 0 = the table at G x G (an official checkpoint's image_size / patch)
+  c.model.pos_grid = -1
   c.model.code_dim = 32                # l2-normalised latent size
   c.model.ema_decay = 0.99
   c.model.restart_factor = 32.0        # dead below B * N_tokens / (32 * V)
