@@ -53,7 +53,9 @@ the target's known tokens. As in ml-4m (fourm/models/generate.py):
   targets finished before it: the official cfg_grow_conditioning); its
   unconditional pass empties them as the official one does: an image-like
   one gives nothing, a sequence its [S_1] alone, a T5-style embedding
-  sequence one zero vector (empty_seq_modality, empty_seq_emb_modality);
+  sequence one zero vector (empty_seq_modality, empty_seq_emb_modality); a
+  target given in part and decoded later in the schedule (in-painted) is no
+  condition: every pass sees it as given;
 - multimodal weighted guidance (`generate(conditions=, weights=)`) is one group
   per condition, weights may be negative; its unconditional pass holds no
   condition, and each target finished before the current one becomes a
@@ -273,7 +275,7 @@ class Sampler:
                   weights=None, num_encoder_tokens: int | None = None,
                   num_decoder_tokens: int | None = None, decode=None,
                   uncond_encoder_tokens: int | None = None, empty: Sequence[str] = (),
-                  uncond_empty: Sequence[str] = ()):
+                  uncond_empty: Sequence[str] = (), uncond_given: Sequence[str] = ()):
     """The decoder's logits for the positions of an image-like `target` it decodes.
 
     decode: bool [B, N], the positions to decode (default: every unknown one); the decoder
@@ -284,7 +286,9 @@ class Sampler:
     too unless `uncond_encoder_tokens` gives it its own (shorter) encoder length, when it runs
     apart; without weights, groups must be one group. empty: modalities given in their empty
     form ([S_1] alone, see `_batch`) in every pass; uncond_empty: more of them in the
-    unconditional pass only (classifier-free guidance's emptied sequence conditions).
+    unconditional pass only (classifier-free guidance's emptied sequence conditions);
+    uncond_given: modalities the unconditional pass still sees (partly given targets later
+    in the schedule, which the official sampler never empties).
 
     Returns (logits [B, S, V] float32, position int [B, S] of each slot, valid bool [B, S]:
     the slot holds a position to decode), S = num_decoder_tokens.
@@ -306,7 +310,7 @@ class Sampler:
       return logits.reshape(len(variants), -1, *logits.shape[1:])
 
     conds = [(g, tuple(empty)) for g in groups]
-    uncond = [((), tuple(empty) + tuple(uncond_empty))]
+    uncond = [(tuple(uncond_given), tuple(empty) + tuple(uncond_empty))]
     if weights is None:
       logits = forward(conds, n_enc)[0]
     elif uncond_encoder_tokens:     # the unconditional pass at its own length
@@ -335,8 +339,9 @@ class Sampler:
   # ---- one decoding step ----------------------------------------------------------------------
   def _step_fn(self, target: str, scheme: str, groups: tuple, guided: bool, n_enc: int,
                n_dec: int, n_enc_uncond: int | None = None, empty: tuple = (),
-               uncond_empty: tuple = ()):
-    key = (target, scheme, groups, guided, n_enc, n_dec, n_enc_uncond, empty, uncond_empty)
+               uncond_empty: tuple = (), uncond_given: tuple = ()):
+    key = (target, scheme, groups, guided, n_enc, n_dec, n_enc_uncond, empty, uncond_empty,
+           uncond_given)
     if key not in self._steps:
       def step(params, state, rng, n_select, temperature, top_k, top_p, weights):
         self.traces += 1          # runs once per compilation
@@ -349,7 +354,7 @@ class Sampler:
           decode = unknown
         logits, position, valid = self.slot_logits(
             params, state, target, groups, weights if guided else None, n_enc, n_dec, decode,
-            n_enc_uncond, empty, uncond_empty)
+            n_enc_uncond, empty, uncond_empty, uncond_given)
         logits = filter_logits(logits, top_k, top_p)
         greedy = temperature <= 1e-6
         scaled = logits / jnp.where(greedy, 1.0, temperature)
@@ -374,13 +379,14 @@ class Sampler:
 
   # ---- left-to-right decoding of a sequence ---------------------------------------------------
   def _ar_fn(self, target: str, groups: tuple, guided: bool, n_enc: int, empty: tuple = (),
-             uncond_empty: tuple = ()):
-    key = (target, "autoregressive", groups, guided, n_enc, empty, uncond_empty)
+             uncond_empty: tuple = (), uncond_given: tuple = ()):
+    key = (target, "autoregressive", groups, guided, n_enc, empty, uncond_empty, uncond_given)
     if key not in self._steps:
       m = self.modalities[target]
       dec = self.model.clone(remat="none")
       length = m.length
-      variants = [(g, empty) for g in groups] + ([((), empty + uncond_empty)] if guided else [])
+      variants = [(g, empty) for g in groups] + (
+          [(uncond_given, empty + uncond_empty)] if guided else [])
 
       def run(params, state, rng, temperature, top_k, top_p, weights):
         self.traces += 1
@@ -484,7 +490,7 @@ class Sampler:
     seq_targets = [t for t in targets if t in self.input_names and
                    self.modalities[t].kind == "seq"]
     current, previous, finished = None, None, []
-    groups, guided, empty, uncond_empty = None, False, (), ()
+    groups, guided, empty, uncond_empty, pending = None, False, (), (), ()
     for i, step in enumerate(schedule):
       if step.target not in [m.name for m in self.model.targets]:
         raise ValueError(f"{step.target!r} is not a target of the model")
@@ -496,6 +502,10 @@ class Sampler:
         empty = tuple(t for t in seq_targets if self._unknown(state, t))
         known = tuple(n for n in self.input_names if n != current and n not in empty and
                       not self._unknown(state, n))
+        # targets later in the schedule, given in part (in-painted later): not conditions, so
+        # every pass sees them as they are (the official uncond pass empties only its
+        # cfg_cond_domains: the conditions and the finished targets)
+        pending = tuple(n for n in known if n in targets and n not in finished)
         if conditions is not None:
           extra = len(weights) - len(conditions)
           groups = (tuple(tuple(g) for g in conditions) +
@@ -506,8 +516,11 @@ class Sampler:
           groups = (known,)
           guided = any(s.guidance != 1.0 for s in schedule if s.target == current)
           # the unconditional pass: sequence conditions as [S_1], embedding ones one zero vector
-          uncond_empty = tuple(n for n in known if self.modalities[n].kind in ("seq", "seq_emb"))
+          uncond_empty = tuple(n for n in known if n not in pending and
+                               self.modalities[n].kind in ("seq", "seq_emb"))
         enc_known, own_known, unknown = self._known_counts(state, current)
+        pending_known = sum(int(np.max(np.sum(~np.asarray(state[n]["input_mask"]), 1)))
+                            for n in (pending if conditions is None else ()))
         decoded = 0
       if conditions is None:
         w = np.array([step.guidance], np.float32)
@@ -520,7 +533,7 @@ class Sampler:
         own = tuple(e for e in empty if e != step.target)
         fn = self._ar_fn(step.target, groups, step.guidance != 1.0 if conditions is None
                          else True, self.encoder_tokens(state, step.target, own), own,
-                         uncond_empty)
+                         uncond_empty, pending if conditions is None else ())
         state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
                    jnp.int32(step.top_k), jnp.float32(step.top_p), jnp.asarray(w))
         continue
@@ -535,10 +548,10 @@ class Sampler:
       # guided: the unconditional pass's encoder holds the target's own known tokens and
       # the empty forms
       n_uncond = (None if not guided or self.num_encoder_tokens else int(min(
-          max(own_known + decoded + len(empty) + len(uncond_empty), 1),
+          max(own_known + pending_known + decoded + len(empty) + len(uncond_empty), 1),
           self.max_encoder_tokens)))
       fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec, n_uncond, empty,
-                         uncond_empty)
+                         uncond_empty, pending if conditions is None else ())
       decoded += step.num_tokens
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
                  jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),

@@ -147,3 +147,28 @@ def test_chained_multimodal_guidance_adds_each_finished_target_as_a_condition(sa
   with pytest.raises(ValueError, match="one weight per condition"):
     sampler.generate(state, plan, jax.random.key(0), conditions=[(CAP,)],
                      weights=[2.0, 1.5, 1.0])
+
+
+def test_guidance_keeps_a_caption_to_in_paint_later_in_both_passes(sampler):
+  """Official: a caption given in part (w [S_1] w [S_2], custom_text without EOS) and
+  scheduled after the depth is a target, not one of the depth step's cfg_cond_domains (the
+  conditions, here rgb): guided_maskgit_step_batched empties only those, so both passes see
+  the caption's given tokens; the unconditional pass has rgb emptied and the caption as is."""
+  rgb, _, _ = _given(np.random.default_rng(3))
+  part = np.array([[220, S_1, 242, S_1 + 1], [250, S_1, 272, S_1 + 1]], np.int32)
+  state = sampler.init_state(B, {RGB: {"tensor": rgb}, CAP: {"tensor": part}})
+  plan = [schedules.Step(DEPTH, "maskgit", 16, 0.0, guidance=3.0),
+          schedules.Step(CAP, "autoregressive", 12, 0.0)]
+  out = sampler.generate(state, plan, jax.random.key(0))
+  cap = np.zeros((B, 26), np.int32)
+  cap[:, :4] = part
+  cap_mask = np.arange(26)[None].repeat(B, 0) >= 4
+  cond = _logits(sampler, _batch(sampler, DEPTH, {
+      RGB: (rgb, np.zeros((B, 16), bool)), CAP: (cap, cap_mask)}), DEPTH)
+  uncond = _logits(sampler, _batch(sampler, DEPTH, {CAP: (cap, cap_mask)}), DEPTH)
+  np.testing.assert_array_equal(out[DEPTH]["tensor"],
+                                np.argmax(uncond + 3.0 * (cond - uncond), -1))
+  s1 = np.zeros((B, 26), np.int32)
+  s1[:, 0] = S_1                              # what emptying the caption would have given
+  emptied = _logits(sampler, _batch(sampler, DEPTH, {CAP: (s1, _first_only(26))}), DEPTH)
+  assert not np.allclose(emptied, uncond, atol=1e-4)
