@@ -275,6 +275,8 @@ def convert_vqvae(sd, cfg, modality: str = "") -> tuple[ml_collections.ConfigDic
   c.model.restart_factor, c.model.commitment = 32.0, float(kw.get("commitment_weight", 1.0))
   c.model.feature_dim = kw["n_channels"] if modality == "features" else 0
   c.data.resolution = grid if modality == "features" else kw["image_size"]
+  # the official position table is fixed at the grid of image_size, bicubic-resized to others
+  c.model.pos_grid = grid
   extra = {"vq": {"quantizer": _lucid(k, kw)}}
   _no_leftovers(k)
   return c, params, extra
@@ -405,6 +407,7 @@ def convert_divae(sd, cfg, modality: str = ""):
                   "ema_decay": float(kw.get("ema_decay", 0.99)), "restart_factor": 32.0,
                   "commitment": float(kw.get("commitment_weight", 1.0)), "feature_dim": 0})
   c.data.resolution = kw["image_size"]
+  c.model.pos_grid = grid     # the official encoder's fixed table (see the ViT case)
   c.diffusion = ml_collections.ConfigDict({
       "base_channels": u["model_channels"], "channel_mult": tuple(u["channel_mult"]),
       "num_res_blocks": u["num_res_blocks"], "attn_levels": 0,
