@@ -160,3 +160,36 @@ def test_no_resolutions_is_the_single_resolution_run():
     tok_train.resolutions(cfg2)
   with pytest.raises(ValueError, match="vector"):
     tok_train.prepare("pose", np.zeros(5), 32)
+
+
+def test_tokenize_writes_grids_at_each_resolution_of_a_multires_tokenizer(trained, tmp_path):
+  """tokenizers_jax.tokenize: shards at 16 px, inside the tokenizer's 16-32 range, give 2x2
+  grids as they are, and 'OUT=depth@32:WORKDIR' resizes them to 32 px first for a 4x4 grid
+  (the 4M super-resolution set's tok_*@448 from 224 px shards, at this scale); a size
+  outside the range is refused naming it."""
+  from conftest import load_config as load
+  from fourm_jax import pseudo_label as pl
+  from pretrain_jax.data import multimodal, schema as schema_lib
+  from tokenizers_jax import tokenize as tok_lib
+  _, workdir = trained
+  pcfg = load("configs/fourm/pseudo_label.py", "scenes")
+  pcfg.resolution, pcfg.labellers, pcfg.shards = 16, (), 1
+  pl.pseudo_label(pcfg, "scenes:3", str(tmp_path / "labelled"))
+  c = load("configs/tokenizers/tokenize.py", "")
+  c.image_tokenizers.depth = workdir
+  c.outputs = f"tok_depth_32=depth@32:{workdir}"
+  c.text_tokenizer, c.copy_fields = "", ()
+  tok_lib.tokenize(c, f"{tmp_path}/labelled/*.array_record", str(tmp_path / "tokens"))
+  schema = schema_lib.read_schema(str(tmp_path / "tokens"))
+  assert schema["tok_depth"].shape == (2, 2) and schema["tok_depth_32"].shape == (4, 4)
+  tok = tok_lib.Tokenizer(workdir)
+  labelled = multimodal.dataset(f"{tmp_path}/labelled/*.array_record", fields=("depth",))
+  got = multimodal.dataset(f"{tmp_path}/tokens/*.array_record")
+  for i in range(3):
+    depth = labelled[i]["depth"]
+    np.testing.assert_array_equal(got[i]["tok_depth"], tok([depth])[0])
+    np.testing.assert_array_equal(got[i]["tok_depth_32"], tok([depth], 32)[0])
+  c.outputs = f"tok_depth_64=depth@64:{workdir}"
+  with pytest.raises(ValueError, match=r"'tok_depth_64': the depth tokenizer was trained at "
+                     r"16-32 px \(multiples of 8\), not 64 px"):
+    tok_lib.tokenize(c, f"{tmp_path}/labelled/*.array_record", str(tmp_path / "bad"))

@@ -80,9 +80,11 @@ class Tokenizer:
       self._inverse = jax.jit(lambda v, t, rng: self.model.apply(
           v, t, method=self.model.decode_tokens))
 
-  def __call__(self, values: list[np.ndarray]) -> np.ndarray:
-    """Stored values (as in the shards) -> int32 tokens [B, h, w] or [B, num_tokens]."""
-    x = np.stack([tok_train.prepare(self.modality, v) for v in values])
+  def __call__(self, values: list[np.ndarray], resolution: int | None = None) -> np.ndarray:
+    """Stored values (as in the shards) -> int32 tokens [B, h, w] or [B, num_tokens];
+    resolution: the side to resize images to first (as the multi-resolution training
+    resizes its batches), e.g. 448 for 28 x 28 tokens of a tokenizer tuned at 224-448."""
+    x = np.stack([tok_train.prepare(self.modality, v, resolution) for v in values])
     return np.asarray(self._fn(self.variables, jnp.asarray(x)), np.int32)
 
   def detokenize(self, tokens: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -103,7 +105,9 @@ def _class_names(config) -> tuple[str, ...]:
 def parse_outputs(spec: str) -> dict[str, tuple[str, str]]:
   """config.outputs, 'OUT=SOURCE:WORKDIR,...' -> {OUT: (SOURCE, WORKDIR)}: the token field
   OUT is the tokenizer of WORKDIR applied to the record field SOURCE (e.g.
-  'tok_dinov2=dinov2_features:workdir/tok_feat,tok_sam_edge=sam_edges:workdir/tok_edges')."""
+  'tok_dinov2=dinov2_features:workdir/tok_feat,tok_sam_edge=sam_edges:workdir/tok_edges').
+  SOURCE@RES resizes the field to RES px first ('tok_rgb_448=image@448:workdir/tok_rgb': the
+  super-resolution set's 28 x 28 grid from a tokenizer tuned at 224-448)."""
   out = {}
   for item in (i.strip() for i in spec.split(",")):
     if not item:
@@ -117,6 +121,30 @@ def parse_outputs(spec: str) -> dict[str, tuple[str, str]]:
       raise ValueError(f"config key 'outputs': {name!r} is written twice")
     out[name.strip()] = (source.strip(), workdir.strip())
   return out
+
+
+def split_source(source: str) -> tuple[str, int | None]:
+  """'field' -> (field, None); 'field@448' -> (field, 448)."""
+  field, at, res = source.partition("@")
+  if not at:
+    return field, None
+  if not res.isdigit() or int(res) <= 0:
+    raise ValueError(f"config key 'outputs': {source!r}: the resolution after '@' must be a "
+                     "positive integer (e.g. image@448)")
+  return field, int(res)
+
+
+def _grid(tok: "Tokenizer", side: int) -> int:
+  """Tokens per side of `tok` on images of `side` px, checked against what it was trained
+  at: its resolution, or any multiple of the patch between the multi-resolution bounds
+  (data.resolutions: the official tokenizers tuned at 224-448 tokenize any of them)."""
+  p, trained = tok.config.model.patch_size, tok.config.data.resolution
+  choices = tok_train.resolutions(tok.config)
+  lo, hi = (min(choices), max(choices)) if choices else (trained, trained)
+  if side % p or not lo <= side <= hi:
+    span = f"{lo}-{hi} px (multiples of {p})" if choices else f"{trained} px"
+    raise ValueError(f"the {tok.modality} tokenizer was trained at {span}, not {side} px")
+  return side // p
 
 
 def token_jobs(config, in_schema) -> dict[str, tuple["Tokenizer", str]]:
@@ -149,12 +177,15 @@ def output_schema(config, in_schema: dict[str, FieldSpec], jobs,
                   sam_tok=None, pose_tok=None) -> dict[str, FieldSpec]:
   out = {"index": FieldSpec("scalar"), "key": FieldSpec("text")}
   out.update({f: in_schema[f] for f in config.get("copy_fields", ()) if f in in_schema})
-  for field, (tok, _) in jobs.items():
+  for field, (tok, source) in jobs.items():
     if tok.kind == "mlp_vae":
       out[field] = FieldSpec("array", "int32", (tok.config.model.num_tokens,))
     else:
-      r, p = tok.config.data.resolution, tok.config.model.patch_size
-      out[field] = FieldSpec("array", "int32", (r // p, r // p))
+      f, res = split_source(source)
+      shape = tuple(in_schema[f].shape or ()) if f in in_schema else ()
+      side = res or (shape[0] if tok.modality != "features" and len(shape) >= 2 else 0)
+      g = _grid(tok, side) if side else tok.config.data.resolution // tok.config.model.patch_size
+      out[field] = FieldSpec("array", "int32", (g, g))
   if config.text_tokenizer:
     for name, needs in (("caption", ("caption",)), ("det", ("boxes", "box_classes")),
                         ("color_palette", ("color_palette",))):
@@ -256,18 +287,30 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
   source = ArrayRecordSource(pattern)
   in_schema = schema_lib.read_schema(os.path.dirname(source.paths[0]))
   jobs = token_jobs(config, in_schema)
-  for name, (t, f) in jobs.items():
+  for name, (t, src) in jobs.items():
+    f, res = split_source(src)
     if f not in in_schema:
       raise ValueError(f"the input shards have no {f!r} field to tokenise into {name!r} "
                        f"(fields: {sorted(in_schema)})")
-    size = t.config.data.get("resolution", 0)
+    if t.kind == "mlp_vae" or t.modality == "features":
+      if res:
+        raise ValueError(f"config key 'outputs': {name!r} gives a resolution to a "
+                         f"{t.modality} tokenizer, which has none")
+      continue
     shape = tuple(in_schema[f].shape or ())
-    if (t.kind != "mlp_vae" and t.modality != "features" and size and len(shape) >= 2
-        and shape[:2] != (size, size)):
+    side = res or (shape[0] if len(shape) >= 2 and shape[0] == shape[1] else 0)
+    size = t.config.data.get("resolution", 0)
+    try:
+      if side or len(shape) >= 2:
+        _grid(t, side)
+    except ValueError as e:
+      if res:
+        raise ValueError(f"config key 'outputs': {name!r}: {e}") from None
       raise ValueError(
           f"the {f!r} field of {pattern} is {shape[0]}x{shape[1]} px, but the {t.modality} "
           f"tokenizer for {name!r} was trained at {size} px: pseudo-label with "
-          f"--config.resolution={size} (or train the tokenizer at {shape[0]} px)")
+          f"--config.resolution={size} (or train the tokenizer at {shape[0]} px, or give "
+          f"a resolution: OUT={f}@{size}:WORKDIR in config.outputs)") from None
   tok = text.load(config.text_tokenizer) if config.text_tokenizer else None
   sam_tok = None
   if config.sam_instance_tokenizer:
@@ -299,7 +342,7 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
                              pose_max_len=int(config.get("pose_max_len", config.max_len)))
   names = _class_names(config)
   copied = [f for f in config.get("copy_fields", ()) if f in in_schema]
-  sources = {f for _, f in jobs.values()}
+  sources = {split_source(f)[0] for _, f in jobs.values()}
   fields = [f for f in in_schema if f != "image" or "image" in sources or "image" in copied]
   written = records_out = 0
   for path in source.paths:
@@ -312,7 +355,10 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
     try:
       for start in range(0, len(ds), config.batch_size):
         recs = [ds[i] for i in range(start, min(start + config.batch_size, len(ds)))]
-        toks = {name: t([r[f] for r in recs]) for name, (t, f) in jobs.items()}
+        toks = {}
+        for name, (t, src) in jobs.items():
+          f, res = split_source(src)
+          toks[name] = t([r[f] for r in recs], res)
         if encoder is not None:
           from tokenizers_jax import text_encoders
           embs = text_encoders.embed(encoder, [r["caption"] for r in recs],
