@@ -502,9 +502,12 @@ class Sampler:
         empty = tuple(t for t in seq_targets if self._unknown(state, t))
         known = tuple(n for n in self.input_names if n != current and n not in empty and
                       not self._unknown(state, n))
-        # targets later in the schedule, given in part (in-painted later): not conditions, so
-        # every pass sees them as they are (the official uncond pass empties only its
-        # cfg_cond_domains: the conditions and the finished targets)
+        # targets later in the schedule, given in part (in-painted later): not conditions.
+        # Classifier-free guidance: every pass sees them as they are (the official uncond
+        # pass empties only its cfg_cond_domains: the conditions and the finished targets).
+        # Multimodal guidance: the unconditional pass sees them (official uncond_dict holds
+        # every target) and the condition groups do not (each official cond_dict holds its
+        # condition and the current target)
         pending = tuple(n for n in known if n in targets and n not in finished)
         if conditions is not None:
           extra = len(weights) - len(conditions)
@@ -520,7 +523,7 @@ class Sampler:
                                self.modalities[n].kind in ("seq", "seq_emb"))
         enc_known, own_known, unknown = self._known_counts(state, current)
         pending_known = sum(int(np.max(np.sum(~np.asarray(state[n]["input_mask"]), 1)))
-                            for n in (pending if conditions is None else ()))
+                            for n in pending)
         decoded = 0
       if conditions is None:
         w = np.array([step.guidance], np.float32)
@@ -533,7 +536,7 @@ class Sampler:
         own = tuple(e for e in empty if e != step.target)
         fn = self._ar_fn(step.target, groups, step.guidance != 1.0 if conditions is None
                          else True, self.encoder_tokens(state, step.target, own), own,
-                         uncond_empty, pending if conditions is None else ())
+                         uncond_empty, pending)
         state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.float32(step.temperature),
                    jnp.int32(step.top_k), jnp.float32(step.top_p), jnp.asarray(w))
         continue
@@ -551,7 +554,7 @@ class Sampler:
           max(own_known + pending_known + decoded + len(empty) + len(uncond_empty), 1),
           self.max_encoder_tokens)))
       fn = self._step_fn(current, step.scheme, groups, guided, n_enc, n_dec, n_uncond, empty,
-                         uncond_empty, pending if conditions is None else ())
+                         uncond_empty, pending)
       decoded += step.num_tokens
       state = fn(self.params, state, jax.random.fold_in(rng, i), jnp.int32(step.num_tokens),
                  jnp.float32(step.temperature), jnp.int32(step.top_k), jnp.float32(step.top_p),

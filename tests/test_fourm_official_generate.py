@@ -172,3 +172,14 @@ def test_guidance_keeps_a_caption_to_in_paint_later_in_both_passes(sampler):
   s1[:, 0] = S_1                              # what emptying the caption would have given
   emptied = _logits(sampler, _batch(sampler, DEPTH, {CAP: (s1, _first_only(26))}), DEPTH)
   assert not np.allclose(emptied, uncond, atol=1e-4)
+  # multimodal weighted guidance (generate_multi_guided, cond_dicts = [{rgb}], uncond_dict =
+  # the targets): the unconditional pass holds every target, so the caption as given; the
+  # condition's pass holds rgb and the current target only
+  # (weight -3: the mix 4 u - 3 c leans on the unconditional pass, where the caption acts)
+  out = sampler.generate(state, plan, jax.random.key(0), conditions=[(RGB,)], weights=[-3.0])
+  cond_rgb = _logits(sampler, _batch(sampler, DEPTH, {RGB: (rgb, np.zeros((B, 16), bool))}),
+                     DEPTH)
+  want = np.argmax(uncond - 3.0 * (cond_rgb - uncond), -1)
+  np.testing.assert_array_equal(out[DEPTH]["tensor"], want)
+  bare = _logits(sampler, _batch(sampler, DEPTH, {}), DEPTH)   # the caption hidden instead
+  assert (np.argmax(bare - 3.0 * (cond_rgb - bare), -1) != want).any()
