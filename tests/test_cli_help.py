@@ -23,6 +23,7 @@ ENTRY_POINTS = {   # module: flags its --help must list (shared ones from pretra
     "tokenizers_jax.convert": ["--input", "--out", "--modality"],
     "pretrain_jax.plan": ["--config", "--topology", "--devices"],
     "pretrain_jax.data.make_scenes": ["--out", "--num", "--workers"],
+    "fourm_jax.ml4m_export": ["--input", "--out", "--shard_size"],
 }
 
 

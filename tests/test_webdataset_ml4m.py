@@ -1,5 +1,5 @@
 """ml-4m's webdataset modalities: reading them (pretrain_jax.data.webdataset) and exporting
-this repo's shards into that layout (pretrain_jax.data.ml4m_export)."""
+this repo's shards into that layout (fourm_jax.ml4m_export)."""
 import io
 import json
 import os
@@ -13,7 +13,8 @@ from array_record.python import array_record_module as arm
 from PIL import Image
 
 from conftest import ROOT, subprocess_env
-from pretrain_jax.data import ml4m_export, records, schema as schema_lib, webdataset
+from fourm_jax import ml4m_export
+from pretrain_jax.data import records, schema as schema_lib, webdataset
 from pretrain_jax.data.errors import DataError
 from pretrain_jax.data.scenes import SEMANTIC_CLASSES
 from pretrain_jax.data.schema import FieldSpec
@@ -275,7 +276,7 @@ def test_corrupt_members_and_unknown_folders_name_shard_key_and_modality(tmp_pat
 
 def test_export_cli(tmp_path):
   pattern, _ = _pseudo_labelled(tmp_path / "pl", n=3)
-  cmd = [sys.executable, "-m", "pretrain_jax.data.ml4m_export", f"--input={pattern}",
+  cmd = [sys.executable, "-m", "fourm_jax.ml4m_export", f"--input={pattern}",
          f"--out={tmp_path / 'wds'}", "--shard_size=2", "--image_format=jpg"]
   proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                         timeout=120)

@@ -1,6 +1,6 @@
 """This repo's ArrayRecord shards -> ml-4m's webdataset layout.
 
-  python -m pretrain_jax.data.ml4m_export --input='data/scenes_4m/*.array_record' \\
+  python -m fourm_jax.ml4m_export --input='data/scenes_4m/*.array_record' \\
       --out=data/scenes_4m_wds [--shard_size=1000] [--image_format=keep|png|jpg] \\
       [--class_names=scenes|a,b,c]
 
