@@ -147,6 +147,16 @@ def _grid(tok: "Tokenizer", side: int) -> int:
   return side // p
 
 
+def image_side(tok: "Tokenizer", source: str, in_schema) -> int:
+  """The side in px `tok` tokenizes the field of `source` ('field' or 'field@RES') at: RES,
+  else the stored square image's side; 0 when there is none (vectors, feature maps)."""
+  f, res = split_source(source)
+  if tok.kind == "mlp_vae" or tok.modality == "features":
+    return 0
+  shape = tuple(in_schema[f].shape or ()) if f in in_schema else ()
+  return res or (shape[0] if len(shape) >= 2 and shape[0] == shape[1] else 0)
+
+
 def token_jobs(config, in_schema) -> dict[str, tuple["Tokenizer", str]]:
   """{output field: (tokenizer, source field)} of config.image_tokenizers (tok_MODALITY from
   the modality's field), config.vector_tokenizers (tok_FIELD from FIELD) and
@@ -181,9 +191,7 @@ def output_schema(config, in_schema: dict[str, FieldSpec], jobs,
     if tok.kind == "mlp_vae":
       out[field] = FieldSpec("array", "int32", (tok.config.model.num_tokens,))
     else:
-      f, res = split_source(source)
-      shape = tuple(in_schema[f].shape or ()) if f in in_schema else ()
-      side = res or (shape[0] if tok.modality != "features" and len(shape) >= 2 else 0)
+      side = image_side(tok, source, in_schema)
       g = _grid(tok, side) if side else tok.config.data.resolution // tok.config.model.patch_size
       out[field] = FieldSpec("array", "int32", (g, g))
   if config.text_tokenizer:
@@ -298,11 +306,10 @@ def tokenize(config, pattern: str, out: str) -> dict[str, int]:
                          f"{t.modality} tokenizer, which has none")
       continue
     shape = tuple(in_schema[f].shape or ())
-    side = res or (shape[0] if len(shape) >= 2 and shape[0] == shape[1] else 0)
     size = t.config.data.get("resolution", 0)
     try:
-      if side or len(shape) >= 2:
-        _grid(t, side)
+      if len(shape) >= 2 or res:
+        _grid(t, image_side(t, src, in_schema))
     except ValueError as e:
       if res:
         raise ValueError(f"config key 'outputs': {name!r}: {e}") from None
