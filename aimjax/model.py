@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain_jax import activations
 from pretrain_jax import positions
 from pretrain_jax import attention as attention_lib
 from pretrain_jax import remat as remat_lib
@@ -112,7 +113,7 @@ class Mlp(nn.Module):
     if self.lora.on("mlp"):
       h = h + _lora_delta(self, "fc1", x.astype(self.dtype), (d,), (self.hidden,), self.lora)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-    h = nn.gelu(h, approximate=False)
+    h = activations.gelu_exact(h)
     out = _dense(d, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                  name="fc2")(h)
     if self.lora.on("mlp"):
@@ -148,7 +149,8 @@ class Attention(nn.Module):
     qkv = nn.with_logical_constraint(
         qkv, ("activation_batch", "activation_length", None, "activation_heads", "activation_kv"))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    out = attention_lib.dot_product_attention(q, k, v, mask=mask,
+                                               implementation=self.implementation)
     y = jnp.einsum("bthk,hkd->btd", out, w_proj.astype(self.dtype))
     if self.lora.on("proj"):
       y = y + _lora_delta(self, "proj", out, (self.num_heads, head_dim), (d,), self.lora)

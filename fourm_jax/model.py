@@ -36,6 +36,7 @@ import numpy as np
 
 from fourm_jax import xent
 from fourm_jax.modalities import Modality
+from pretrain_jax import activations
 from pretrain_jax import positions
 from pretrain_jax import attention as attention_lib
 from pretrain_jax import remat as remat_lib
@@ -84,7 +85,7 @@ class Attention(nn.Module):
   qk_norm: bool = False
   dtype: Any = jnp.float32
   use_bias: bool = False
-  implementation: str | None = None   # jax.nn.dot_product_attention's: None (XLA) | 'cudnn'
+  implementation: str | None = None   # pretrain_jax.attention's: None (XLA) | 'cudnn'
 
   def _bias(self, name, shape, names):
     return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
@@ -139,7 +140,7 @@ class Attention(nn.Module):
     mask = mask[:, None]                                # [B, 1, T or 1, S]
     if impl == "cudnn":   # cuDNN takes the mask as a bias of the full [B, 1, T, S] shape
       mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    out = attention_lib.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     wo = _heads_param(self, "proj", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
     out = jnp.einsum("bthk,hkd->btd", out, wo.astype(self.dtype))
     return out + self._bias("proj_bias", (d,), ("embed",)) if self.use_bias else out
@@ -180,7 +181,7 @@ class GeluMLP(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     dense = lambda n, names, name: _dense(n, names, name, self.use_bias, self.dtype)
-    h = nn.gelu(dense(int(d * self.mlp_ratio), ("embed", "mlp"), "fc1")(x), approximate=False)
+    h = activations.gelu_exact(dense(int(d * self.mlp_ratio), ("embed", "mlp"), "fc1")(x))
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
     return dense(d, ("mlp", "embed"), "fc2")(h)
 

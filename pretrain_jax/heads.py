@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pretrain_jax import attention
+
 
 def average_layers(features: Mapping[int, jax.Array], group: Sequence[int]) -> jax.Array:
   """The mean of the block outputs `features[l]` ([B, K, D] each) over the blocks in `group`."""
@@ -54,7 +56,8 @@ class AttentiveProbe(nn.Module):
                                                                self.num_heads, head_dim)
     k = _dense(d, ("embed", "mlp"), "k", self.dtype)(x).reshape(b, -1, self.num_heads, head_dim)
     v = _dense(d, ("embed", "mlp"), "v", self.dtype)(x).reshape(b, -1, self.num_heads, head_dim)
-    pooled = jax.nn.dot_product_attention(q.astype(k.dtype), k, v).reshape(b, self.num_queries, d)
+    pooled = attention.dot_product_attention(q.astype(k.dtype), k, v)
+    pooled = pooled.reshape(b, self.num_queries, d)
     return _dense(self.num_classes, ("embed", "vocab"), "linear", self.dtype,
                   self.linear_bias)(pooled.mean(axis=1))
 

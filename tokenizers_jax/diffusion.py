@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain_jax import attention
+
 PATCH = 4
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
@@ -137,7 +139,7 @@ class _Attention(nn.Module):
     b, h, w, c = x.shape
     y = _group_norm("norm", c)(x.astype(jnp.float32)).reshape(b, h * w, c)
     qkv = nn.DenseGeneral((self.heads, 3, c // self.heads), name="qkv")(y)
-    y = jax.nn.dot_product_attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2])
+    y = attention.dot_product_attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2])
     y = nn.DenseGeneral(c, axis=(-2, -1), name="proj")(y)
     return x + y.reshape(b, h, w, c)
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pretrain_jax import activations
 from tokenizers_jax.quantizers import HeadMemcodes, Memcodes
 from tokenizers_jax.vqvae import smooth_l1
 
@@ -40,7 +41,7 @@ class BottleneckMLP(nn.Module):
     for i in range(self.blocks):
       y = nn.LayerNorm(epsilon=self.eps, use_fast_variance=False, name=f"norm_{i}")(x)
       y = nn.Dense(self.expansion * self.width, name=f"fc1_{i}")(y)
-      x = x + nn.Dense(self.width, name=f"fc2_{i}")(nn.gelu(y, approximate=not self.exact_gelu))
+      x = x + nn.Dense(self.width, name=f"fc2_{i}")(activations.gelu_exact(y) if self.exact_gelu else nn.gelu(y))
     if self.final_norm:
       x = nn.LayerNorm(name="norm_out")(x)
     return nn.Dense(self.out, name="proj_out")(x)

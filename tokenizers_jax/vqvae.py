@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain_jax import activations
+from pretrain_jax import attention
 from pretrain_jax import positions
 from tokenizers_jax.quantizers import VectorQuantizer
 
@@ -147,7 +149,7 @@ class _Block(nn.Module):
     if self.qkv_bias:
       qkv = qkv + self.param("qkv_bias", nn.with_logical_partitioning(
           nn.initializers.zeros, ("qkv", "heads", "kv")), (3, self.heads, hd))
-    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    y = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     y = jnp.einsum("bthk,hkd->btd", y, w_proj)
     if self.qkv_bias:
       y = y + self.param("proj_bias", nn.with_logical_partitioning(
@@ -158,7 +160,7 @@ class _Block(nn.Module):
                  kernel_init=nn.with_logical_partitioning(
                      nn.initializers.xavier_uniform(), ("embed", "mlp")))(y)
     y = nn.Dense(self.width, name="fc2", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(), ("mlp", "embed")))(nn.gelu(y, approximate=False))
+        nn.initializers.xavier_uniform(), ("mlp", "embed")))(activations.gelu_exact(y))
     return x + y
 
 
