@@ -16,7 +16,7 @@ def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
   `jax.nn.gelu(approximate=False)` computes the same function through erfc,
   which XLA's CPU backend lowers to an exponential plus a rational polynomial
   in two fusions; with erf, the forward and backward of an AIM MLP take about
-  three quarters of the time on CPU (`benchmarks/results/vs_official.json`).
+  three quarters of the time on CPU (`benchmarks/cpu_kernels.py`).
   The two forms agree to float32 rounding (max abs difference about 5e-7 on
   unit-scale inputs).
   """

@@ -56,7 +56,7 @@ def dot_product_attention(q, k, v, mask=None, implementation: str | None = None)
   dK^T = Q^T dS. Every product is then a batched matmul in the layout XLA's CPU
   backend wants, so no [T, S] matrix is ever transposed in memory; autodiff of the
   [B, T, H, Dh] form transposed the scores and probabilities several times per layer
-  and took about 1.5-2x the time on CPU (benchmarks/results/attention_cpu.json).
+  and took about 1.5-2x the time on CPU (`benchmarks/cpu_kernels.py`).
   Anything else ('cudnn') is passed to `jax.nn.dot_product_attention`.
   """
   if implementation is not None:
