@@ -41,7 +41,7 @@ TPU_PLANS = {  # the slice expected to be the smallest that fits first, then sma
     "aim-1B": (AIM + "1B", ["v5p:2x2x2", "v5p:2x2x1", "v4:2x4x4", "v4:2x2x4"]),
     "aim-3B": (AIM + "3B", ["v5p:2x2x4", "v5p:2x2x2", "v4:2x4x4", "v4:2x2x4"]),
     "aim-7B": (AIM + "7B", ["v5p:2x2x4", "v5p:2x2x2", "v4:4x4x4", "v4:2x4x4"]),
-    "4m7-B": (FOURM + "4m7_B", ["v5p:2x2x1", "v4:2x2x4", "v4:2x2x2"]),
+    "4m7-B": (FOURM + "4m7_B", ["v5p:2x2x1", "v4:2x2x4", "v4:2x2x2", "v4:2x2x1"]),
     "4m7-L": (FOURM + "4m7_L", ["v5p:2x2x2", "v5p:2x2x1", "v4:2x2x4", "v4:2x2x2"]),
     "4m7-XL": (FOURM + "4m7_XL", ["v5p:2x2x4", "v5p:2x2x2", "v4:2x4x4", "v4:2x2x4"]),
     "4m21-B": (FOURM + "4m21_B", ["v5p:2x2x2", "v5p:2x2x1", "v4:2x4x4", "v4:2x2x4"]),
@@ -127,7 +127,7 @@ def summary(results: dict) -> str:
   compiled smaller one that does not."""
   from pretrain_jax import plan as plan_lib
   gib = lambda p: p["policies"]["block"]["peak"] / 2 ** 30
-  rows = ["| model | params | v5p: smallest slice that fits | v5p: does not fit | "
+  rows = ["| model | parameters (all) | v5p: smallest slice that fits | v5p: does not fit | "
           "v4: smallest slice that fits | v4: does not fit |", "|---|---|---|---|---|---|"]
   for model in TPU_PLANS:
     cells, params = [], ""
@@ -141,8 +141,8 @@ def summary(results: dict) -> str:
       name = lambda cp: (f"{plan_lib.slice_name(cp[1]['topology'])} ({cp[0]} chips): "
                          f"{gib(cp[1]):.1f} GiB")
       if fit is None:
-        cells += ["none compiled" if not plans else "none of " + ", ".join(
-            plan_lib.slice_name(p["topology"]) for _, p in plans), ""]
+        cells += ["not compiled", ""] if not plans else ["none of those compiled",
+                                                         name(plans[-1])]
         continue
       smaller = [cp for cp in plans if cp[0] < fit[0]]
       cells.append(name(fit))
