@@ -210,7 +210,7 @@ def run_tpu(args) -> None:
   text += NOTES + "\n## The plans\n\n" + "\n".join(sections)
   with open(args.out, "w") as f:
     f.write(text)
-  print(f"wrote {args.out} and {args.json}")
+  print(f"wrote {args.out} from {args.json}")
 
 
 def run_cpu(args) -> None:
@@ -266,7 +266,29 @@ def main():
 
 
 NOTES = """
-(NOTES_PLACEHOLDER)
+## What they say against the papers' hardware
+
+- **The fewest chips that hold a model are not the chips to train it on.** The
+  table is about memory; the "step s at 40% MFU" column of each plan is about
+  time. AIM-7B fits 16 v5p chips (v5p-32) at batch 4096, at 14.8 s per step at 40%
+  MFU: its 1.2M steps would take about 200 days there. The README's launch example
+  uses a v5p-256 (128 chips, 1.85 s per step by the same count).
+- **4M (both papers on A100s of 80 GB, batch 8192):** 4M-B on 64 GPUs, 4M-L and
+  4M-XL on 128 (4M, appendix); 4M-21 B on 64, L and XL on 128 (4M-21). With block
+  remat every 4M model fits far fewer chips than that. 4M-7 B fits the smallest v5p
+  slice (4 chips, 51 GiB each), and 4M-7 XL fits 16 v5p chips. So the papers' GPU
+  counts bought speed, not memory, which agrees with their training times (1.5 to
+  11 days).
+- **AIM:** the paper does not name its hardware. At batch 4096 every AIM size fits
+  8 or 16 v5p chips with block remat (the only policy compiled here).
+- **The CPU compiler's plans (`plans_cpu.md`) are far above these.** AIM-7B there
+  needs 47.7 GiB per device on 256 devices (unrolled layers), against 54.4 GiB per
+  chip on 16 chips here. 4M-21 XL there finds no mesh up to 128 devices (147 GiB
+  per device). The CPU compiler keeps remat's temporaries alive; the TPU
+  compiler's schedule does not. Use the CPU figures only as an upper bound.
+- **The 90% line is tight.** 4M-21 B on a v4-32 needs 29.0 GiB of 32: over the
+  line by 0.2 GiB, so it is listed as not fitting. A smaller per-chip batch or
+  `optimizer.grad_accum_steps=2` would fit it (the plan lists what would).
 """
 
 if __name__ == "__main__":
