@@ -165,6 +165,7 @@ class Compiled:
   xla_flops: float
   lower_s: float
   compile_s: float
+  refused: str = ""     # the compiler's out-of-memory message: it would not compile the step
 
   @property
   def activations(self) -> int:
@@ -213,20 +214,46 @@ def compile_step(config, task, mesh) -> Compiled:
     t0 = time.perf_counter()
     lowered = jitted.lower(state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled, refused = lowered.compile(), ""
+    except jax.errors.JaxRuntimeError as e:
+      refused, temp = _out_of_memory(str(e))
+      if not refused:
+        raise
     t2 = time.perf_counter()
-  mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes)
-  params = _shard_bytes(state.params)
-  progress(f"  compiled in {t2 - t0:.0f} s: peak {peak / GiB:.2f} GiB per device")
+  params, opt_state, batch_bytes = (_shard_bytes(state.params), _shard_bytes(state.opt_state),
+                                    _shard_bytes(batch))
+  if refused:   # the TPU compiler refuses a step whose temporaries exceed the chip's HBM
+    peak, flops = params + opt_state + batch_bytes + temp, 0.0
+    progress(f"  refused after {t2 - t0:.0f} s: {refused}")
+  else:
+    mem = compiled.memory_analysis()
+    temp = mem.temp_size_in_bytes
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + temp)
+    flops = loop.xla_flops(compiled, mesh.size)
+    progress(f"  compiled in {t2 - t0:.0f} s: peak {peak / GiB:.2f} GiB per device")
   return Compiled(
       mesh=tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")),
       per_device_batch=config.batch_size / partitioning.data_parallel_size(mesh),
       num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
-      params=params, opt_state=_shard_bytes(state.opt_state), batch=_shard_bytes(batch),
-      gradients=params, temp=int(mem.temp_size_in_bytes), peak=int(peak),
-      xla_flops=loop.xla_flops(compiled, mesh.size), lower_s=t1 - t0, compile_s=t2 - t1)
+      params=params, opt_state=opt_state, batch=batch_bytes,
+      gradients=params, temp=int(temp), peak=int(peak),
+      xla_flops=flops, lower_s=t1 - t0, compile_s=t2 - t1, refused=refused)
+
+
+def _out_of_memory(message: str) -> tuple[str, int]:
+  """(the compiler's out-of-memory sentence, its temporaries in bytes) from a compile error,
+  or ('', 0) when the error is something else. The TPU compiler says e.g. 'Ran out of memory
+  in memory space hbm ... the total memory required for HLO temporaries (35.15G) exceeds
+  available HBM (30.75G)' (G: GiB, as XLA prints byte counts)."""
+  import re
+  found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+  if "RESOURCE_EXHAUSTED" not in message or not found:
+    return "", 0
+  scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[found.group(2)]
+  line = next((x for x in message.splitlines() if "HLO temporaries" in x), message)
+  return line.strip()[:300], int(float(found.group(1)) * scale)
 
 
 def progress(message: str) -> None:
@@ -468,6 +495,11 @@ def format_plan(p: dict, title: str) -> str:
         f"{b(r['activations'])} | {b(r['batch'])} | {b(r['peak'])} | "
         f"{'yes' if r['fits'] else 'no'} | {r['xla_flops']:.3g} | {r['step_s_at_mfu']:.3g} | "
         f"{r['compile_s']:.0f} | {small} |")
+  for remat, r in p["policies"].items():
+    if r.get("refused"):
+      lines += ["", f"remat {remat}: the compiler refused the step (out of memory): "
+                f"\"{r['refused']}\". Its peak above is state + batch + those "
+                "temporaries (the sum a compiled plan reports); XLA's FLOPs are unknown."]
   if p.get("suggestions"):
     lines += ["", "Nothing fits. What would:"] + [f"- {x}" for x in p["suggestions"]]
   return "\n".join(lines) + "\n"

@@ -223,6 +223,31 @@ def test_when_nothing_fits_the_plan_says_what_would():
   assert plan.suggestions({**p, "policies": {"block": {**row, "fits": True}}}, 30 * gib) == []
 
 
+def test_a_step_the_compiler_refuses_for_memory_is_planned_as_not_fitting(monkeypatch):
+  """The TPU compiler does not compile a step whose temporaries exceed the chip's HBM; it
+  raises RESOURCE_EXHAUSTED (seen for 4M-21 L on a v4-32). The plan records that as a row
+  that does not fit, with the temporaries from the message, instead of failing. Here the
+  CPU compile of a tiny AIM is made to raise the TPU compiler's message."""
+  from pretrain_jax import mesh as mesh_lib
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (35.15G) exceeds available HBM (30.75G).")
+
+  def refuse(self, *a, **k):
+    raise jax.errors.JaxRuntimeError(message)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+  cfg = load_config("configs/aim/pretrain.py", "variant=tiny")
+  task = plan.task_module("configs/aim/pretrain.py").build_task(cfg)
+  mesh = mesh_lib.create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  c = plan.compile_step(cfg, task, mesh)
+  assert c.refused.startswith("RESOURCE_EXHAUSTED") and c.temp == int(35.15 * 2 ** 30)
+  assert c.peak == c.params + c.opt_state + c.batch + c.temp and c.xla_flops == 0
+  # other compile errors still raise
+  message = "INTERNAL: something else"
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+    plan.compile_step(cfg, task, mesh)
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is not None,
                     reason="libtpu is installed: the message is for machines without it")
 def test_a_topology_without_libtpu_says_how_to_get_it(tmp_path):
