@@ -116,11 +116,17 @@ def _chips(topology: str) -> int:
 
 
 def _commit() -> str:
+  """HEAD, with '+changes' when tracked files other than this script's own outputs differ
+  from it (the plan then did not compile that commit's code)."""
+  git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD").strip()
+    changed = set(git("diff", "--name-only", "HEAD").split()) - {
+        "benchmarks/plans.md", "benchmarks/results/plans_tpu.json"}
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
+  return head + ("+changes" if changed else "")
 
 
 def summary(results: dict) -> str:
