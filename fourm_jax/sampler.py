@@ -208,6 +208,7 @@ class Sampler:
     self.model, self.params = model, params
     self.modalities = {m.name: m for m in (*model.inputs, *model.targets)}
     self.input_names = [m.name for m in model.inputs]
+    self._target_names = {m.name for m in model.targets}
     # every input position: the most the encoder can be given
     self.max_encoder_tokens = sum(self._length(m) for m in model.inputs)
     self.num_encoder_tokens = num_encoder_tokens    # None: per target, bucketed (below)
@@ -262,17 +263,19 @@ class Sampler:
 
   # ---- one forward ----------------------------------------------------------------------------
   def _batch(self, state: State, target: str, given: Sequence[str], decode=None,
-             empty: Sequence[str] = ()) -> dict:
+             empty: Sequence[str] = (), leave_out: Sequence[str] = ()) -> dict:
     """The model's batch: `given` modalities as inputs where known, the target's known tokens
     as inputs and its `decode` positions (default: every unknown one) as decoder targets,
     attending to each other. `empty` modalities are given in the official empty form
     whatever the state holds: a sequence as its [S_1] sentinel alone, an embedding sequence
-    as one zero vector."""
+    as one zero vector. `leave_out` modalities are not in the batch (see `_unused`)."""
     unknown = state[target]["input_mask"] if decode is None else decode
     batch = {}
     for name, m in self.modalities.items():
       b, n = state[name]["input_mask"].shape
       visible = name == target or name in given
+      if name in leave_out:
+        continue
       in_mask = state[name]["input_mask"] if visible else jnp.ones((b, n), bool)
       tensor = state[name]["tensor"]
       if name in empty:
@@ -289,6 +292,15 @@ class Sampler:
       batch[name] = {"tensor": tensor, "input_mask": in_mask,
                      "target_mask": tgt_mask, "decoder_attention_mask": att}
     return batch
+
+  def _unused(self, target: str, variants) -> tuple[str, ...]:
+    """Inputs that no pass of `variants` ([(given, empty), ...]) is given and that are no
+    model target: left out of the batch, so the model does not embed tokens it would drop
+    (a pixel input's patch projection: 2% of a 4M ROAR generation at dim 768)."""
+    used = {target} | self._target_names
+    for given, empty in variants:
+      used |= set(given) | set(empty)
+    return tuple(n for n in self.input_names if n not in used)
 
   def encoder_tokens(self, state: State, target: str, empty: Sequence[str] = ()) -> int:
     """Encoder length for decoding `target` from `state`: the fixed `num_encoder_tokens`, or
@@ -347,7 +359,8 @@ class Sampler:
     n_enc = num_encoder_tokens or self.num_encoder_tokens or self.max_encoder_tokens
 
     def forward(variants, encoder_tokens):     # -> [len(variants), B, S, V]
-      batches = [self._batch(state, target, g, decode, e) for g, e in variants]
+      out = self._unused(target, variants)
+      batches = [self._batch(state, target, g, decode, e, out) for g, e in variants]
       batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0), *batches)
       y, _, _, _ = self.model.apply(variables, batch, encoder_tokens, n_dec)
       logits = self.model.apply(variables, y, target, method=self.model.logits)
@@ -438,8 +451,9 @@ class Sampler:
         known = known | (blank[:, None] & (jnp.arange(n) == 0))
         view = {**state, target: {"tensor": given, "input_mask": ~known}}
         # the conditional variants and the unconditional one, decoded side by side
+        out = self._unused(target, variants)
         batch = jax.tree.map(lambda *x: jnp.concatenate(x, 0),
-                             *[self._batch(view, target, g, None, e) for g, e in variants])
+                             *[self._batch(view, target, g, None, e, out) for g, e in variants])
         ctx, valid = dec.apply(variables, batch, n_enc, method=dec.decoder_context)
         k = len(variants)
         tile = lambda tok: jnp.tile(tok, k)
