@@ -57,9 +57,8 @@ written here for its pixel head, fourm_jax.convert.from_official for 4M):
               step, encodes the known tokens and decodes the unknown (MaskGIT)
               or the chosen (ROAR) positions. Ours runs each step at exact
               lengths fixed by the schedule (the known tokens in the encoder,
-              the unknown positions in the decoder), compiled once per schedule;
-              its ROAR still decodes every unknown position, not only the chosen
-              ones (issue 21).
+              the unknown positions in the decoder; ROAR: the chosen ones only, as
+              the official), compiled once per schedule.
 
 Checks before timing (a disagreement raises): AIM, the pixel predictions of
 ours (model.apply) and of the official model for the same images and prefix
