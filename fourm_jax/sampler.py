@@ -272,10 +272,10 @@ class Sampler:
     unknown = state[target]["input_mask"] if decode is None else decode
     batch = {}
     for name, m in self.modalities.items():
-      b, n = state[name]["input_mask"].shape
-      visible = name == target or name in given
       if name in leave_out:
         continue
+      b, n = state[name]["input_mask"].shape
+      visible = name == target or name in given
       in_mask = state[name]["input_mask"] if visible else jnp.ones((b, n), bool)
       tensor = state[name]["tensor"]
       if name in empty:

@@ -389,3 +389,25 @@ def test_tokenizers_given_per_modality_serve_two_modalities_of_one_kind(monkeypa
   assert generate.tokenizer_for("tok_imagebind_global", one).workdir == "w/global_c"
   with pytest.raises(ValueError, match="no modality of the model matches 'clip'"):
     generate.load_tokenizers(["clip=w/tok_clip"], model)
+
+
+def test_inputs_given_nothing_are_left_out_without_changing_the_logits():
+  """Sampler._unused drops inputs no pass is given (and no model target) from the batch, so
+  their tokens are never embedded; the logits must equal those of the full batch, where the
+  same tokens were embedded, hidden and dropped by the encoder."""
+  lo = modalities.Modality("tok_rgb@32", "image", vocab_size=64, grid=(4, 4))
+  hi = modalities.Modality("tok_rgb@64", "image", vocab_size=64, grid=(8, 8))
+  model = model_lib.FourM((lo, hi), (hi,), dim=32, encoder_depth=1, decoder_depth=1, num_heads=4)
+  s = sampler_lib.Sampler(model, None)
+  state = s.init_state(2, {hi.name: {"tensor": np.zeros((2, 64), np.int32),
+                                     "input_mask": np.arange(64)[None].repeat(2, 0) >= 20}})
+  s.params = jax.jit(lambda r: model.init(r, s._batch(state, hi.name, ()), s.max_encoder_tokens,
+                                          64))(jax.random.key(0))["params"]
+  assert s._unused(hi.name, [((), ())]) == (lo.name,)
+  assert s._unused(hi.name, [((lo.name,), ())]) == ()
+  pruned = s.slot_logits(s.params, state, hi.name, ((),), num_encoder_tokens=20)[0]
+  s._unused = lambda *a: ()
+  full = s.slot_logits(s.params, state, hi.name, ((),), num_encoder_tokens=20)[0]
+  np.testing.assert_allclose(np.asarray(pruned), np.asarray(full), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="none of the input modalities"):
+    model.apply({"params": s.params}, {}, method=model.embed_inputs)
