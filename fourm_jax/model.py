@@ -493,12 +493,14 @@ class FourM(nn.Module):
       return self.dec_embed[modality].attend(y.astype(jnp.float32))
     return self.to_logits[modality](y).astype(jnp.float32)
 
-  def logit_tables(self) -> list:
-    """Each target's output layer as a [V, D] table (logits = y @ table.T), in `targets`
-    order: the tied decoder embedding, or the transposed to_logits kernel."""
+  def logit_tables(self) -> tuple[list, str]:
+    """(each target's output layer as stored, in `targets` order; its layout for
+    fourm_jax.xent): the tied decoder embeddings [V, D] ('vd', logits = y @ table.T) or the
+    to_logits kernels [D, V] ('dv', logits = y @ kernel). As stored, so that no table is
+    transposed on the way in nor its gradient on the way out."""
     if self.tie_embeddings:
-      return [self.dec_embed[m.name].embedding for m in self.targets]
-    return [self.to_logits[m.name].variables["params"]["kernel"].T for m in self.targets]
+      return [self.dec_embed[m.name].embedding for m in self.targets], "vd"
+    return [self.to_logits[m.name].variables["params"]["kernel"] for m in self.targets], "dv"
 
   def __call__(self, batch: Batch, num_encoder_tokens: int, num_decoder_tokens: int):
     context, emb, valid = self.encode(batch, num_encoder_tokens)
@@ -522,8 +524,8 @@ def loss(model: FourM, variables, batch: Batch, num_encoder_tokens: int,
     raise ValueError(f"unknown loss_type {loss_type!r}; use 'mod' or 'token'")
   y, ids, mods, valid = model.apply(variables, batch, num_encoder_tokens, num_decoder_tokens)
   # each token's logits over its own modality's vocabulary only (fourm_jax.xent)
-  tables = model.apply(variables, method=model.logit_tables)
-  sums = xent.own_vocab_losses(tables, y, ids, mods, valid)           # [K]
+  tables, layout = model.apply(variables, method=model.logit_tables)
+  sums = xent.own_vocab_losses(tables, y, ids, mods, valid, layout=layout)           # [K]
   per_mod, total, count = {}, 0.0, 0.0
   for i, m in enumerate(model.targets):
     n = (valid & (mods == i)).sum().astype(jnp.float32)

@@ -54,6 +54,25 @@ def test_values_and_gradients_equal_dense(case):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_layout_equals_table_layout():
+  """Tables given as [D, V] kernels (layout 'dv', the untied to_logits) give the same sums, and
+  each gradient in its kernel's layout: the [V, D] layout's gradient, transposed."""
+  tables, y, ids, mods, valid = make(7)
+  weight = jnp.asarray([0.7, -1.3, 2.0], jnp.float32)
+  total = lambda t, y, layout: jnp.sum(
+      xent.own_vocab_losses(t, y, ids, mods, valid, chunk=8, layout=layout) * weight)
+  kernels = [w.T for w in tables]
+  np.testing.assert_allclose(total(kernels, y, "dv"), total(tables, y, "vd"), rtol=1e-6)
+  (gk, gy_k), (gt, gy_t) = (jax.grad(total, argnums=(0, 1))(kernels, y, "dv"),
+                            jax.grad(total, argnums=(0, 1))(tables, y, "vd"))
+  for a, b in zip(gk, gt):
+    assert a.shape == b.T.shape
+    np.testing.assert_allclose(a, b.T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gy_k, gy_t, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="layout must be"):
+    xent.own_vocab_losses(tables, y, ids, mods, valid, layout="VD")
+
+
 def test_bfloat16_inputs_get_bfloat16_gradients():
   tables, y, ids, mods, valid = make(6)
   y16 = y.astype(jnp.bfloat16)
@@ -77,7 +96,7 @@ def test_only_each_modalitys_chunks_run():
 
 
 def test_chunk_size_bounds():
-  assert xent.chunk_size(512, 3) == 32
+  assert xent.chunk_size(512, 3) == 64       # sqrt(24 * 512 / 3) = 64
   assert xent.chunk_size(10, 5) == 8
   assert xent.chunk_size(1 << 20, 2) == 256
 
