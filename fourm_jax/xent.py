@@ -165,7 +165,8 @@ def own_vocab_losses(tables: Sequence[jax.Array], y, ids, mods, valid,
   tables: per target modality k, the output layer as [V_k, D] (layout 'vd': logits =
   y @ table.T, a tied embedding) or [D, V_k] ('dv': logits = y @ kernel, a Dense kernel), in
   float32; each gradient comes in its table's layout. y [B, M, D] decoder outputs; ids, mods
-  int [B, M] (target id, modality index into `tables`); valid bool [B, M]. Returns float32 [K]. Differentiable in tables and y.
+  int [B, M] (target id, modality index into `tables`); valid bool [B, M]. Returns float32
+  [K]. Differentiable in tables and y.
   chunk: tokens per chunk (default chunk_size(tokens per device, K)).
   """
   if layout not in ("vd", "dv"):
