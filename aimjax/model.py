@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain_jax import activations
+from pretrain_jax import norms
 from pretrain_jax import positions
 from pretrain_jax import attention as attention_lib
 from pretrain_jax import remat as remat_lib
@@ -54,9 +55,9 @@ def _dense(features, names, use_bias=False, **kw):
 
 
 def _norm(name, dtype, param_dtype):
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+  return norms.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
 def _constrain(x):

@@ -37,6 +37,7 @@ import numpy as np
 from fourm_jax import xent
 from fourm_jax.modalities import Modality
 from pretrain_jax import activations
+from pretrain_jax import norms
 from pretrain_jax import positions
 from pretrain_jax import attention as attention_lib
 from pretrain_jax import remat as remat_lib
@@ -60,8 +61,8 @@ def _name(modality: str) -> str:
 
 
 def _norm(name, dtype):
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, dtype=dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)))
+  return norms.LayerNorm(epsilon=1e-6, use_bias=False, dtype=dtype, name=name,
+                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)))
 
 
 def _constrain(x):
