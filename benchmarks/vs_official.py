@@ -134,6 +134,7 @@ from fourm_jax import train as fourm_train  # noqa: E402
 from pretrain_jax import cli, loop, mesh as mesh_lib, optim, partitioning  # noqa: E402
 from pretrain_jax import train_state as ts  # noqa: E402
 from pretrain_jax.data import transforms  # noqa: E402
+from benchmarks import op_profile  # noqa: E402
 from benchmarks.fourm_step import synthetic_sample  # noqa: E402
 
 HOW_TO = """\
@@ -368,13 +369,26 @@ def time_alternating(ours, official, runs: int):
   return out
 
 
-def make_row(case: str, runs: list[dict], note: str, checks: dict):
+def make_row(case: str, runs: list[dict], note: str, checks: dict, ops: dict | None = None):
   ours_s = float(np.median([r["ours"] for r in runs]))
   official_s = float(np.median([r["official"] for r in runs]))
   row = {"case": case, "ours_s": ours_s, "official_s": official_s,
          "ratio": official_s / ours_s, "runs": runs, "note": note, "checks": checks}
+  if ops:
+    row["ops"] = ops
   print(f"  {case}: ours {ours_s:.3f} s, official {official_s:.3f} s (medians)")
   return row
+
+
+def op_comparison(args, case: str, compiled, run_ours, run_official) -> dict | None:
+  """With --ops: one more step of each side under its profiler (after the timed runs, so
+  the timing is untouched), grouped by benchmarks/op_profile.py."""
+  if not args.ops:
+    return None
+  table = {"ours": op_profile.ours(compiled, run_ours),
+           "official": op_profile.official(run_official)}
+  op_profile.print_comparison(case, table)
+  return table
 
 
 def relative(a: float, b: float) -> float:
@@ -475,13 +489,18 @@ def torch_adamw(params_or_groups, lr: float, fused: bool = False):
 def torch_stepper(model, optimizer, loss_fn, clip: float = 0.0):
   import torch
 
+  phase = torch.profiler.record_function        # ranges benchmarks/op_profile.py reads
+
   def run():
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    loss.backward()
-    if clip:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
+    with phase("forward"):
+      loss = loss_fn()
+    with phase("backward"):
+      loss.backward()
+    with phase("update"):
+      if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+      optimizer.step()
     return loss
   return run
 
@@ -716,13 +735,14 @@ def aim_row(args, s: dict, aim_mods, l3m):
   checks["predictions_max_rel_diff"] = pred_err
   run_official, kind = official_aim_step(official, images_t, s, model.num_patches)
   runs = time_alternating(run_ours, run_official, args.runs)
+  ops = op_comparison(args, "aim train", compiled, run_ours, run_official)
   head = ("ml-l3m SimpleDecoder (GenericIdentity attention) + RasterPixelLoss" if l3m else
           "head composed from ml-aim Block/MLP as l3m's SimpleDecoder (no ml-l3m clone) + "
           "RasterPixelLoss written here")
   note = (f"official: ml-aim PatchEmbed/ViTPreprocessor + Transformer(PrefixCausalAttention), "
           f"{head}; LN eps 1e-6; eager fwd+bwd+clip_grad_norm_(1.0)+AdamW {kind}; "
           f"head's norm_1 and projection biases zeroed (ours has none)")
-  return make_row("aim train", runs, note, checks)
+  return make_row("aim train", runs, note, checks, ops)
 
 
 # ---- 4M -------------------------------------------------------------------------------------
@@ -832,10 +852,11 @@ def fourm_row(args, s: dict, fourm_mods):
   run_official = torch_stepper(
       official, opt, lambda: official(fresh(mod_dict), n_tok, n_tok, loss_type="mod")[0])
   runs = time_alternating(run_ours, run_official, args.runs)
+  ops = op_comparison(args, "4m train", compiled, run_ours, run_official)
   note = (f"official: fourm.models.fm.FM (untied to_logits), eager fwd (loss 'mod') + bwd + "
           f"torch.optim.AdamW {kind}; batch masked by fourm_jax (4M-7 mixture), "
           f"{n_tok}/{n_tok} tokens; decoder modality order sorted on both sides")
-  return make_row("4m train", runs, note, checks)
+  return make_row("4m train", runs, note, checks, ops)
 
 
 # ---- 4M generation --------------------------------------------------------------------------
@@ -986,6 +1007,10 @@ def parse_args():
   parser.add_argument("--runs", type=int, default=7)
   parser.add_argument("--threads", type=int, default=2, help="torch threads (official side)")
   parser.add_argument("--only", default="", help="comma-separated substrings of case names")
+  parser.add_argument("--ops", default="", metavar="PATH",
+                      help="also profile one step of each train row, both sides, and write the "
+                           "per-op comparison (benchmarks/op_profile.py) to PATH, e.g. "
+                           "benchmarks/results/vs_official_ops.json")
   parser.add_argument("--small", action="store_true",
                       help="tiny sizes, to check that the script runs (not for numbers)")
   return parser.parse_args()
@@ -1032,6 +1057,14 @@ def report(args, rows, skipped, load, torch_version):
   print(f"\nmachine: {machine()}; load average at start, end {load}; torch {torch_version} "
         f"({args.threads} threads), jax {jax.__version__}; median of {args.runs} runs\n")
   print_table(rows)
+  ops = {r["case"]: r.pop("ops") for r in rows if "ops" in r}
+  if ops:
+    os.makedirs(os.path.dirname(os.path.abspath(args.ops)), exist_ok=True)
+    with open(args.ops, "w") as f:
+      json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                 "machine": machine(), "torch": torch_version, "jax": jax.__version__,
+                 "threads": args.threads, "doc": op_profile.__doc__, "cases": ops}, f, indent=2)
+    print(f"wrote {args.ops}")
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   with open(args.json, "w") as f:
     json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
