@@ -2,7 +2,8 @@
 
   python benchmarks/vs_official.py --official_aim=/tmp/ml-aim --official_4m=/tmp/ml-4m \
       [--official_l3m=/tmp/ml-l3m] [--json=benchmarks/results/vs_official.json] [--runs=7] \
-      [--threads=2] [--only=SUBSTRING,...] [--small]
+      [--threads=2] [--only=SUBSTRING,...] [--ops=benchmarks/results/vs_official_ops.json] \
+      [--small]
 
 The official code is imported at run time from your clones (nothing of it is
 copied here): https://github.com/apple/ml-aim (AIM v1, `aim-v1/aim/v1/torch`),
