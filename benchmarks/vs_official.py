@@ -107,6 +107,8 @@ import json
 import os
 import platform
 import random as _random
+import shlex
+import subprocess
 import sys
 import time
 import types
@@ -1004,7 +1006,9 @@ def parse_args():
   parser.add_argument("--official_l3m", default="",
                       help="clone of apple/ml-l3m (default: ml-l3m beside the ml-aim clone)")
   parser.add_argument("--official_4m", default="", help="clone of apple/ml-4m")
-  parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks/results/vs_official.json"))
+  parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks/results/vs_official.json"),
+                      help="results file; a run with --only replaces its rows in an existing "
+                           "file and keeps the others (each new row records its run)")
   parser.add_argument("--runs", type=int, default=7)
   parser.add_argument("--threads", type=int, default=2, help="torch threads (official side)")
   parser.add_argument("--only", default="", help="comma-separated substrings of case names")
@@ -1067,13 +1071,60 @@ def report(args, rows, skipped, load, torch_version):
                  "threads": args.threads, "doc": op_profile.__doc__, "cases": ops}, f, indent=2)
     print(f"wrote {args.ops}")
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+         "machine": machine(), "torch": torch_version, "jax": jax.__version__,
+         "threads": args.threads, "load_average_start_end": load,
+         "sizes": "small" if args.small else "full", "skipped": skipped, "rows": rows}
+  previous = read_results(args.json)
+  merge = bool(args.only) and previous is not None and previous.get("sizes") == out["sizes"]
+  if merge:
+    out = merge_rerun(previous, out)
   with open(args.json, "w") as f:
-    json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "machine": machine(), "torch": torch_version, "jax": jax.__version__,
-               "threads": args.threads, "load_average_start_end": load,
-               "sizes": "small" if args.small else "full", "skipped": skipped,
-               "rows": rows}, f, indent=2)
-  print(f"wrote {args.json}")
+    json.dump(out, f, indent=2)
+  print(f"{'merged these rows into' if merge else 'wrote'} {args.json}")
+
+
+def read_results(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
+
+
+def merge_rerun(previous: dict, run: dict) -> dict:
+  """A run of some cases (--only) replaces those rows of the results file and keeps the
+  others: each new row carries its run (date, load, command, commit), and `rows_rerun`
+  lists the cases that come from later runs than the file's `date`."""
+  rows = list(previous["rows"])
+  cases = [r["case"] for r in rows]
+  rerun = previous.get("rows_rerun") or {
+      "cases": [], "note": "these rows come from a later run (see each row's 'run'); the "
+                          "others from the run of 'date'"}
+  for row in run["rows"]:
+    row["run"] = {"date": run["date"], "load_average_start_end": run["load_average_start_end"],
+                  "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+                  "after": git_head()}
+    if row["case"] in cases:
+      rows[cases.index(row["case"])] = row
+    else:
+      rows.append(row)
+    if row["case"] not in rerun["cases"]:
+      rerun["cases"].append(row["case"])
+  rerun["date"] = run["date"]
+  return {**previous, "rows": rows, "rows_rerun": rerun}
+
+
+def git_head() -> str:
+  """'<commit> <subject>' of the checkout, marked when it has uncommitted changes."""
+  try:
+    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+    head, dirty = git("log", "-1", "--format=%h %s"), git("status", "--porcelain", "-uno")
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  return f"{head} (with uncommitted changes)" if head and dirty else head
 
 
 def main():
