@@ -1100,12 +1100,14 @@ def merge_rerun(previous: dict, run: dict) -> dict:
   rows = list(previous["rows"])
   cases = [r["case"] for r in rows]
   rerun = previous.get("rows_rerun") or {
-      "cases": [], "note": "these rows come from a later run (see each row's 'run'); the "
-                          "others from the run of 'date'"}
+      "note": "these rows come from a later run (see each row's 'run'); the others from the "
+              "run of 'date'"}
+  rerun = {**rerun, "cases": list(rerun.get("cases", []))}
+  this_run = {"date": run["date"], "load_average_start_end": run["load_average_start_end"],
+              "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+              "after": git_head()}
   for row in run["rows"]:
-    row["run"] = {"date": run["date"], "load_average_start_end": run["load_average_start_end"],
-                  "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
-                  "after": git_head()}
+    row["run"] = this_run
     if row["case"] in cases:
       rows[cases.index(row["case"])] = row
     else:
