@@ -3,7 +3,7 @@
   python benchmarks/vs_official.py --official_aim=/tmp/ml-aim --official_4m=/tmp/ml-4m \
       [--official_l3m=/tmp/ml-l3m] [--json=benchmarks/results/vs_official.json] [--runs=7] \
       [--threads=2] [--only=SUBSTRING,...] [--ops=benchmarks/results/vs_official_ops.json] \
-      [--small]
+      [--malloc=default|keep] [--small]
 
 The official code is imported at run time from your clones (nothing of it is
 copied here): https://github.com/apple/ml-aim (AIM v1, `aim-v1/aim/v1/torch`),
@@ -1016,9 +1016,52 @@ def parse_args():
                       help="also profile one step of each train row, both sides, and write the "
                            "per-op comparison (benchmarks/op_profile.py) to PATH, e.g. "
                            "benchmarks/results/vs_official_ops.json")
+  parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="default",
+                      help="glibc allocator settings for the whole process, both sides: "
+                           "'default', or 'keep' (freed memory stays in the process, so no "
+                           "step faults in fresh pages; see keep_freed_memory)")
   parser.add_argument("--small", action="store_true",
                       help="tiny sizes, to check that the script runs (not for numbers)")
   return parser.parse_args()
+
+
+MALLOC_CHOICES = ("default", "keep")
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory() -> dict:
+  """glibc settings under which freed memory stays in the process: no mmap for large
+  blocks (M_MMAP_MAX 0), no trimming of the heap's top (M_TRIM_THRESHOLD -1), one arena
+  (M_ARENA_MAX 1, so that a block freed by one thread serves the next step's on another).
+
+  Why it matters here: XLA's CPU runtime allocates a step's temporaries as one block on
+  every call (0.86 GB for the 4M train step, 4.0 GB for AIM's) and torch allocates each
+  large tensor on its own; by default glibc maps such blocks afresh and unmaps them on
+  free, so every step first-touches its pages again, each page a fault (5 us per 4 KiB
+  page on this project's CPU machine). The settings apply to the whole process, so to
+  both sides of the comparison alike. Returns the settings applied."""
+  import ctypes
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    raise SystemExit("error: --malloc=keep needs glibc's mallopt (Linux with glibc); this "
+                     "C library has none") from None
+  settings = {"M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1),
+              "M_ARENA_MAX": (M_ARENA_MAX, 1)}
+  for name, (param, value) in settings.items():
+    if mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
+      raise SystemExit(f"error: --malloc=keep: mallopt({name}, {value}) was refused")
+  return {name: value for name, (_, value) in settings.items()}
+
+
+def check_results_file(path: str, malloc: str):
+  """A run writes only into a results file of its own allocator setting (or a new one)."""
+  previous = read_results(path)
+  theirs = previous.get("malloc", "default") if previous else malloc
+  if theirs != malloc:
+    raise SystemExit(f"error: {path} holds a --malloc={theirs} run; give this "
+                     f"--malloc={malloc} run its own file with --json=PATH")
 
 
 def run_aim(args, sizes, only, skipped) -> list[dict]:
@@ -1060,7 +1103,8 @@ def report(args, rows, skipped, load, torch_version):
     print(f"stubbed modules the official code imports but its models never use: "
           f"{', '.join(sorted({n.split('.')[0] for n in STUBS.stubbed}))}")
   print(f"\nmachine: {machine()}; load average at start, end {load}; torch {torch_version} "
-        f"({args.threads} threads), jax {jax.__version__}; median of {args.runs} runs\n")
+        f"({args.threads} threads), jax {jax.__version__}; median of {args.runs} runs; "
+        f"--malloc={args.malloc}\n")
   print_table(rows)
   ops = {r["case"]: r.pop("ops") for r in rows if "ops" in r}
   if ops:
@@ -1074,7 +1118,8 @@ def report(args, rows, skipped, load, torch_version):
   out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
          "machine": machine(), "torch": torch_version, "jax": jax.__version__,
          "threads": args.threads, "load_average_start_end": load,
-         "sizes": "small" if args.small else "full", "skipped": skipped, "rows": rows}
+         "malloc": args.malloc, "sizes": "small" if args.small else "full",
+         "skipped": skipped, "rows": rows}
   previous = read_results(args.json)
   merge = bool(args.only) and previous is not None and previous.get("sizes") == out["sizes"]
   if merge:
@@ -1142,6 +1187,9 @@ def main():
     import torch
   except ImportError:
     raise SystemExit("error: PyTorch is missing: pip install -e \".[reference]\"") from None
+  check_results_file(args.json, args.malloc)
+  if args.malloc == "keep":
+    print(f"allocator: {keep_freed_memory()}")
   torch.set_num_threads(args.threads)
   load = load_average()
   sizes = SIZES["small" if args.small else "full"]
