@@ -131,10 +131,12 @@ from aimjax import model as aim_model  # noqa: E402
 from aimjax import objective as aim_objective  # noqa: E402
 from aimjax import train as aim_train  # noqa: E402
 from fourm_jax import convert as fourm_convert  # noqa: E402
+from fourm_jax import flops as fourm_flops  # noqa: E402
 from fourm_jax import sampler as sampler_lib  # noqa: E402
 from fourm_jax import schedules  # noqa: E402
 from fourm_jax import train as fourm_train  # noqa: E402
 from pretrain_jax import cli, loop, mesh as mesh_lib, optim, partitioning  # noqa: E402
+from pretrain_jax import flops as flops_lib  # noqa: E402
 from pretrain_jax import train_state as ts  # noqa: E402
 from pretrain_jax.data import transforms  # noqa: E402
 from benchmarks import op_profile  # noqa: E402
@@ -372,15 +374,48 @@ def time_alternating(ours, official, runs: int):
   return out
 
 
-def make_row(case: str, runs: list[dict], note: str, checks: dict, ops: dict | None = None):
+def make_row(case: str, runs: list[dict], note: str, checks: dict, ops: dict | None = None,
+             gflop: float | None = None, matmul: dict | None = None):
+  """One results row. gflop: the model FLOPs of one call (analytic, the same work on both
+  sides), from which each side's achieved rate; matmul: `matmul_rates` at the row's largest
+  matmul shape, measured in the same run (the ceiling either side could reach)."""
   ours_s = float(np.median([r["ours"] for r in runs]))
   official_s = float(np.median([r["official"] for r in runs]))
   row = {"case": case, "ours_s": ours_s, "official_s": official_s,
          "ratio": official_s / ours_s, "runs": runs, "note": note, "checks": checks}
+  if gflop:
+    row["gflop"] = gflop
+    row["gflop_per_s"] = {"ours": gflop / ours_s, "official": gflop / official_s}
+  if matmul:
+    row["matmul_gflop_per_s"] = matmul
   if ops:
     row["ops"] = ops
-  print(f"  {case}: ours {ours_s:.3f} s, official {official_s:.3f} s (medians)")
+  rates = ""
+  if gflop:
+    rates = (f"; {gflop:.0f} GFLOP: ours {gflop / ours_s:.0f}, official "
+             f"{gflop / official_s:.0f} GFLOP/s")
+  if matmul:
+    rates += (f" (one matmul {matmul['shape']}: jax {matmul['ours']:.0f}, torch "
+              f"{matmul['official']:.0f} GFLOP/s)")
+  print(f"  {case}: ours {ours_s:.3f} s, official {official_s:.3f} s (medians){rates}")
   return row
+
+
+def matmul_rates(m: int, k: int, n: int, reps: int = 9) -> dict:
+  """GFLOP/s of one float32 [m, k] x [k, n] matmul, jitted jax and torch (the benchmark's
+  threads), medians of `reps` after one untimed call each, alternating: the rate a step's
+  largest matmuls can reach on this machine, which bounds either side's whole step."""
+  import torch
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  f = jax.jit(jnp.matmul)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  runs = time_alternating(lambda: f(ja, jb).block_until_ready(), lambda: torch.mm(ta, tb), reps)
+  flop = 2.0 * m * k * n / 1e9
+  return {"shape": f"[{m}, {k}] x [{k}, {n}]",
+          "ours": flop / float(np.median([r["ours"] for r in runs])),
+          "official": flop / float(np.median([r["official"] for r in runs]))}
 
 
 def op_comparison(args, case: str, compiled, run_ours, run_official) -> dict | None:
@@ -745,7 +780,10 @@ def aim_row(args, s: dict, aim_mods, l3m):
   note = (f"official: ml-aim PatchEmbed/ViTPreprocessor + Transformer(PrefixCausalAttention), "
           f"{head}; LN eps 1e-6; eager fwd+bwd+clip_grad_norm_(1.0)+AdamW {kind}; "
           f"head's norm_1 and projection biases zeroed (ours has none)")
-  return make_row("aim train", runs, note, checks, ops)
+  gflop = flops_lib.train_step_flops(aim_model.forward_flops(model, s["batch"])) / 1e9
+  rows = s["batch"] * model.num_patches      # the pixel head's feed-forward, most of the step
+  matmul = matmul_rates(rows, s["head_width"], model.mlp_ratio * s["head_width"])
+  return make_row("aim train", runs, note, checks, ops, gflop, matmul)
 
 
 # ---- 4M -------------------------------------------------------------------------------------
@@ -859,7 +897,25 @@ def fourm_row(args, s: dict, fourm_mods):
   note = (f"official: fourm.models.fm.FM (untied to_logits), eager fwd (loss 'mod') + bwd + "
           f"torch.optim.AdamW {kind}; batch masked by fourm_jax (4M-7 mixture), "
           f"{n_tok}/{n_tok} tokens; decoder modality order sorted on both sides")
-  return make_row("4m train", runs, note, checks, ops)
+  matmul = matmul_rates(s["batch"] * n_tok, model.dim, ffn_hidden(model))
+  return make_row("4m train", runs, note, checks, ops, fourm_train_gflop(model, batch, n_tok),
+                  matmul)
+
+
+def ffn_hidden(model) -> int:
+  return (int(2 * int(model.dim * model.mlp_ratio) / 3) if model.ffn == "swiglu"
+          else int(model.dim * model.mlp_ratio))
+
+
+def fourm_train_gflop(model, batch: dict, n_tok: int) -> float:
+  """Model FLOPs of one 4M train step on `batch` (fourm_jax.flops), the logits counted
+  exactly: each target token against its own vocabulary, as both sides compute them."""
+  b = len(np.asarray(batch[model.targets[0].name]["target_mask"]))
+  logits = sum(float(np.sum(~np.asarray(batch[m.name]["target_mask"], bool)))
+               * fourm_flops.mm(1, model.dim, m.vocab_size) for m in model.targets)
+  fwd = (fourm_flops.input_embedding_flops(model, b) + fourm_flops.encoder_flops(model, b, n_tok)
+         + fourm_flops.decoder_flops(model, b, n_tok, n_tok) + logits)
+  return flops_lib.train_step_flops(fwd) / 1e9
 
 
 # ---- 4M generation --------------------------------------------------------------------------
@@ -966,8 +1022,31 @@ def gen_row(args, s, sampler, state, official_sampler, mod_dict, generate, schem
           f"{heads} heads, {s['depth']}+{s['depth']} blocks, batch {s['batch']}, "
           f"{len(plan)} steps, temperature 1, top-k/top-p off; ours' first call "
           f"(compilation) {compile_s:.1f} s not timed")
+  model = sampler.model
+  matmul = matmul_rates(s["batch"] * n, model.dim, ffn_hidden(model))
   return make_row(gen_case_name(scheme, cfg_scale, dim), runs, note,
-                  {"first_step_logits_max_rel_diff": logits_err})
+                  {"first_step_logits_max_rel_diff": logits_err},
+                  gflop=gen_gflop(model, plan, s["batch"], n, cfg_scale != 1.0), matmul=matmul)
+
+
+def gen_gflop(model, plan, batch: int, given: int, guided: bool) -> float:
+  """Model FLOPs of one generation of GEN_TGT from `given` GEN_SRC tokens (fourm_jax.flops),
+  with the official sampler's per-step lengths, which ours matches: the encoder over the given
+  tokens and those decoded so far (the unconditional pass: the decoded ones alone), the
+  decoder over every unknown position (MaskGIT) or the step's chosen ones (ROAR), logits
+  over the target's vocabulary at each decoder position."""
+  vocab = {m.name: m.vocab_size for m in model.targets}[GEN_TGT]
+  total, decoded = 0.0, 0
+  unknown = sum(step.num_tokens for step in plan)
+  for step in plan:
+    n_dec = step.num_tokens if step.scheme == "roar" else unknown - decoded
+    passes = [given + decoded] + ([max(decoded, 1)] if guided else [])
+    for n_enc in passes:
+      total += (fourm_flops.encoder_flops(model, batch, n_enc)
+                + fourm_flops.decoder_flops(model, batch, n_enc, n_dec)
+                + fourm_flops.mm(batch * n_dec, model.dim, vocab))
+    decoded += step.num_tokens
+  return total / 1e9
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -977,13 +1056,20 @@ def selected(case: str, only) -> bool:
 
 
 def print_table(rows):
-  header = f"{'case':34s} {'ours s':>9s} {'official s':>11s} {'ratio':>7s}"
+  header = (f"{'case':34s} {'ours s':>9s} {'official s':>11s} {'ratio':>7s} {'GFLOP':>7s} "
+            f"{'ours GF/s':>10s} {'off. GF/s':>10s} {'mm jax':>7s} {'mm torch':>9s}")
   print(header)
   print("-" * len(header))
   for r in rows:
-    print(f"{r['case']:34s} {r['ours_s']:9.3f} {r['official_s']:11.3f} {r['ratio']:7.2f}")
+    rate, mm = r.get("gflop_per_s"), r.get("matmul_gflop_per_s")
+    extra = (f" {r['gflop']:7.1f} {rate['ours']:10.0f} {rate['official']:10.0f}" if rate
+             else f" {'':7s} {'':10s} {'':10s}")
+    extra += f" {mm['ours']:7.0f} {mm['official']:9.0f}" if mm else ""
+    print(f"{r['case']:34s} {r['ours_s']:9.3f} {r['official_s']:11.3f} {r['ratio']:7.2f}{extra}")
     print(f"    {r['note']}")
-  print("ratio = official s / ours s: > 1 means ours is faster")
+  print("ratio = official s / ours s: > 1 means ours is faster. GFLOP: the model's work per call "
+        "(analytic, the same on both sides); GF/s: each side's rate over it; mm: one matmul at "
+        "the row's feed-forward shape, the rate this machine gives either library")
 
 
 def machine() -> str:

@@ -90,3 +90,33 @@ def test_a_run_never_writes_into_a_file_of_another_allocator_setting(tmp_path):
   vs_official.check_results_file(str(tmp_path / "new.json"), "keep")
   proc = run("--official_4m=/nonexistent", "--malloc=sometimes")
   assert proc.returncode != 0 and "--malloc: invalid choice: 'sometimes'" in proc.stderr
+
+
+def test_generation_flops_follow_the_official_step_lengths():
+  """gen_gflop against the official sampler's lengths written out by hand for two steps of
+  4 + 6 of 10 target tokens from 5 given ones: ROAR's encoder holds the given tokens and those
+  decoded so far (5, then 9) and its decoder the step's own tokens (4, then 6); MaskGIT's
+  decoder every still-unknown position (10, then 6); guidance adds a pass whose encoder holds
+  the decoded tokens alone (at least one)."""
+  sys.path.insert(0, str(ROOT))
+  from benchmarks import vs_official
+  from fourm_jax import flops, schedules
+
+  class Target:
+    name, vocab_size = vs_official.GEN_TGT, 100
+
+  class Model:
+    dim, mlp_ratio, ffn, encoder_depth, decoder_depth = 8, 4, "swiglu", 1, 1
+    targets = (Target,)
+  model, b = Model, 2
+
+  def fwd(n_enc, n_dec):
+    return (flops.encoder_flops(model, b, n_enc) + flops.decoder_flops(model, b, n_enc, n_dec)
+            + 2 * b * n_dec * model.dim * Target.vocab_size)
+  for scheme, decoder in (("roar", (4, 6)), ("maskgit", (10, 6))):
+    plan = [schedules.Step(target=vs_official.GEN_TGT, scheme=scheme, num_tokens=n)
+            for n in (4, 6)]
+    plain = fwd(5, decoder[0]) + fwd(9, decoder[1])
+    assert vs_official.gen_gflop(model, plan, b, 5, False) * 1e9 == pytest.approx(plain)
+    guided = plain + fwd(1, decoder[0]) + fwd(4, decoder[1])
+    assert vs_official.gen_gflop(model, plan, b, 5, True) * 1e9 == pytest.approx(guided)
