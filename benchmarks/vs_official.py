@@ -1205,7 +1205,7 @@ def report(args, rows, skipped, load, torch_version):
          "machine": machine(), "torch": torch_version, "jax": jax.__version__,
          "threads": args.threads, "load_average_start_end": load,
          "malloc": args.malloc, "sizes": "small" if args.small else "full",
-         "skipped": skipped, "rows": rows}
+         "command": command_line(), "after": git_head(), "skipped": skipped, "rows": rows}
   previous = read_results(args.json)
   merge = bool(args.only) and previous is not None and previous.get("sizes") == out["sizes"]
   if merge:
@@ -1235,8 +1235,8 @@ def merge_rerun(previous: dict, run: dict) -> dict:
               "run of 'date'"}
   rerun = {**rerun, "cases": list(rerun.get("cases", []))}
   this_run = {"date": run["date"], "load_average_start_end": run["load_average_start_end"],
-              "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
-              "after": git_head()}
+              "command": run.get("command") or command_line(),
+              "after": run.get("after") or git_head()}
   for row in run["rows"]:
     row["run"] = this_run
     if row["case"] in cases:
@@ -1247,6 +1247,10 @@ def merge_rerun(previous: dict, run: dict) -> dict:
       rerun["cases"].append(row["case"])
   rerun["date"] = run["date"]
   return {**previous, "rows": rows, "rows_rerun": rerun}
+
+
+def command_line() -> str:
+  return " ".join(["python", *map(shlex.quote, sys.argv)])
 
 
 def git_head() -> str:
