@@ -377,8 +377,8 @@ def time_alternating(ours, official, runs: int):
 def make_row(case: str, runs: list[dict], note: str, checks: dict, ops: dict | None = None,
              gflop: float | None = None, matmul: dict | None = None):
   """One results row. gflop: the model FLOPs of one call (analytic, the same work on both
-  sides), from which each side's achieved rate; matmul: `matmul_rates` at the row's largest
-  matmul shape, measured in the same run (the ceiling either side could reach)."""
+  sides), from which each side's achieved rate; matmul: `matmul_rates` at the shape of the
+  row's feed-forward, measured in the same run (about the ceiling either side can reach)."""
   ours_s = float(np.median([r["ours"] for r in runs]))
   official_s = float(np.median([r["official"] for r in runs]))
   row = {"case": case, "ours_s": ours_s, "official_s": official_s,
