@@ -357,9 +357,13 @@ def import_fourm(path: str):
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def time_alternating(ours, official, runs: int):
-  """One untimed call each, then `runs` timed calls each, alternating (and alternating which
-  goes first). Returns the list of {'ours': s, 'official': s}."""
+def time_alternating(ours, official, runs: int, settle: int = 0):
+  """One untimed call each, then `runs` rounds of one timed call each, alternating which
+  side goes first. settle: untimed calls of a side right before each of its timed calls, so
+  that no timed call directly follows the other library's (in one process each slows the
+  other: our AIM step took 9.0-9.8 s after one of ours and 10.6-12.7 s right after a torch
+  step, the official 7.4-7.7 s and 8.0-8.4 s; the same page-fault counts, the other side's
+  freed memory in the way). Returns the list of {'ours': s, 'official': s}."""
   ours()
   official()
   out = []
@@ -367,6 +371,8 @@ def time_alternating(ours, official, runs: int):
     pair = {}
     order = (("ours", ours), ("official", official))
     for name, fn in (order if r % 2 == 0 else order[::-1]):
+      for _ in range(settle):
+        fn()
       t0 = time.perf_counter()
       fn()
       pair[name] = time.perf_counter() - t0
@@ -772,7 +778,7 @@ def aim_row(args, s: dict, aim_mods, l3m):
                           prefix_mask(prefix, model.num_patches))
   checks["predictions_max_rel_diff"] = pred_err
   run_official, kind = official_aim_step(official, images_t, s, model.num_patches)
-  runs = time_alternating(run_ours, run_official, args.runs)
+  runs = time_alternating(run_ours, run_official, args.runs, args.settle)
   ops = op_comparison(args, "aim train", compiled, run_ours, run_official)
   head = ("ml-l3m SimpleDecoder (GenericIdentity attention) + RasterPixelLoss" if l3m else
           "head composed from ml-aim Block/MLP as l3m's SimpleDecoder (no ml-l3m clone) + "
@@ -892,7 +898,7 @@ def fourm_row(args, s: dict, fourm_mods):
   opt, kind = torch_adamw(official.parameters(), cfg.optimizer.lr)
   run_official = torch_stepper(
       official, opt, lambda: official(fresh(mod_dict), n_tok, n_tok, loss_type="mod")[0])
-  runs = time_alternating(run_ours, run_official, args.runs)
+  runs = time_alternating(run_ours, run_official, args.runs, args.settle)
   ops = op_comparison(args, "4m train", compiled, run_ours, run_official)
   note = (f"official: fourm.models.fm.FM (untied to_logits), eager fwd (loss 'mod') + bwd + "
           f"torch.optim.AdamW {kind}; batch masked by fourm_jax (4M-7 mixture), "
@@ -1016,7 +1022,7 @@ def gen_row(args, s, sampler, state, official_sampler, mod_dict, generate, schem
   t0 = time.perf_counter()
   run_ours()                                      # compiles
   compile_s = time.perf_counter() - t0
-  runs = time_alternating(run_ours, run_official, args.runs)
+  runs = time_alternating(run_ours, run_official, args.runs, args.settle)
   note = (f"official: GenerationSampler.generate over build_chained_generation_schedules "
           f"(eager, {'two passes' if cfg_scale != 1.0 else 'one pass'} per step); dim {dim}, "
           f"{heads} heads, {s['depth']}+{s['depth']} blocks, batch {s['batch']}, "
@@ -1096,6 +1102,10 @@ def parse_args():
                       help="results file; a run with --only replaces its rows in an existing "
                            "file and keeps the others (each new row records its run)")
   parser.add_argument("--runs", type=int, default=7)
+  parser.add_argument("--settle", type=int, default=1,
+                      help="untimed calls of a side before each of its timed calls, so that "
+                           "no timed call directly follows the other library's (0: plain "
+                           "alternation)")
   parser.add_argument("--threads", type=int, default=2, help="torch threads (official side)")
   parser.add_argument("--only", default="", help="comma-separated substrings of case names")
   parser.add_argument("--ops", default="", metavar="PATH",
@@ -1141,13 +1151,19 @@ def keep_freed_memory() -> dict:
   return {name: value for name, (_, value) in settings.items()}
 
 
-def check_results_file(path: str, malloc: str):
-  """A run writes only into a results file of its own allocator setting (or a new one)."""
+def check_results_file(path: str, malloc: str, settle: int = 1):
+  """A run writes only into a results file of its own allocator and settle settings (or a
+  new one): rows timed under other settings are not comparable."""
   previous = read_results(path)
   theirs = previous.get("malloc", "default") if previous else malloc
   if theirs != malloc:
     raise SystemExit(f"error: {path} holds a --malloc={theirs} run; give this "
                      f"--malloc={malloc} run its own file with --json=PATH")
+  # files written before --settle existed hold plain alternation (0)
+  theirs = previous.get("settle", 0) if previous else settle
+  if theirs != settle:
+    raise SystemExit(f"error: {path} holds a --settle={theirs} run; give this "
+                     f"--settle={settle} run its own file with --json=PATH")
 
 
 def run_aim(args, sizes, only, skipped) -> list[dict]:
@@ -1189,7 +1205,8 @@ def report(args, rows, skipped, load, torch_version):
     print(f"stubbed modules the official code imports but its models never use: "
           f"{', '.join(sorted({n.split('.')[0] for n in STUBS.stubbed}))}")
   print(f"\nmachine: {machine()}; load average at start, end {load}; torch {torch_version} "
-        f"({args.threads} threads), jax {jax.__version__}; median of {args.runs} runs; "
+        f"({args.threads} threads), jax {jax.__version__}; median of {args.runs} runs "
+        f"(--settle={args.settle}); "
         f"--malloc={args.malloc}\n")
   print_table(rows)
   ops = {r["case"]: r.pop("ops") for r in rows if "ops" in r}
@@ -1204,7 +1221,8 @@ def report(args, rows, skipped, load, torch_version):
   out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
          "machine": machine(), "torch": torch_version, "jax": jax.__version__,
          "threads": args.threads, "load_average_start_end": load,
-         "malloc": args.malloc, "sizes": "small" if args.small else "full",
+         "malloc": args.malloc, "settle": args.settle,
+         "sizes": "small" if args.small else "full",
          "command": command_line(), "after": git_head(), "skipped": skipped, "rows": rows}
   previous = read_results(args.json)
   merge = bool(args.only) and previous is not None and previous.get("sizes") == out["sizes"]
@@ -1277,7 +1295,7 @@ def main():
     import torch
   except ImportError:
     raise SystemExit("error: PyTorch is missing: pip install -e \".[reference]\"") from None
-  check_results_file(args.json, args.malloc)
+  check_results_file(args.json, args.malloc, args.settle)
   if args.malloc == "keep":
     print(f"allocator: {keep_freed_memory()}")
   torch.set_num_threads(args.threads)

@@ -78,16 +78,20 @@ def test_malloc_keep_stops_a_freed_block_from_faulting_again():
   assert default > 100 and keep < 10, (default, keep)
 
 
-def test_a_run_never_writes_into_a_file_of_another_allocator_setting(tmp_path):
+def test_a_run_never_writes_into_a_file_of_another_allocator_or_settle_setting(tmp_path):
   sys.path.insert(0, str(ROOT))
   from benchmarks import vs_official
   path = tmp_path / "vs_official.json"
-  path.write_text('{"date": "d0", "sizes": "full", "rows": []}')     # before --malloc: default
-  vs_official.check_results_file(str(path), "default")
+  # before --malloc and --settle: default and 0 (plain alternation)
+  path.write_text('{"date": "d0", "sizes": "full", "rows": []}')
+  vs_official.check_results_file(str(path), "default", 0)
   with pytest.raises(SystemExit, match="holds a --malloc=default run; give this "
                                        "--malloc=keep run its own file with --json=PATH"):
-    vs_official.check_results_file(str(path), "keep")
-  vs_official.check_results_file(str(tmp_path / "new.json"), "keep")
+    vs_official.check_results_file(str(path), "keep", 0)
+  with pytest.raises(SystemExit, match="holds a --settle=0 run; give this "
+                                       "--settle=1 run its own file with --json=PATH"):
+    vs_official.check_results_file(str(path), "default", 1)
+  vs_official.check_results_file(str(tmp_path / "new.json"), "keep", 1)
   proc = run("--official_4m=/nonexistent", "--malloc=sometimes")
   assert proc.returncode != 0 and "--malloc: invalid choice: 'sometimes'" in proc.stderr
 
@@ -120,3 +124,23 @@ def test_generation_flops_follow_the_official_step_lengths():
     assert vs_official.gen_gflop(model, plan, b, 5, False) * 1e9 == pytest.approx(plain)
     guided = plain + fwd(1, decoder[0]) + fwd(4, decoder[1])
     assert vs_official.gen_gflop(model, plan, b, 5, True) * 1e9 == pytest.approx(guided)
+
+
+def test_settle_runs_untimed_calls_of_the_same_side_before_each_timed_call():
+  """With settle=1 no timed call follows the other side's call; with 0 they alternate."""
+  sys.path.insert(0, str(ROOT))
+  from benchmarks import vs_official
+  for settle in (0, 1):
+    calls = []
+    runs = vs_official.time_alternating(lambda: calls.append("ours"),
+                                        lambda: calls.append("official"), 3, settle)
+    assert len(runs) == 3 and all(set(r) == {"ours", "official"} for r in runs)
+    assert calls[:2] == ["ours", "official"]            # one untimed call each
+    rounds = calls[2:]
+    per_call = settle + 1
+    assert len(rounds) == 3 * 2 * per_call
+    for i in range(0, len(rounds), per_call):           # each side's block: settle + timed
+      block = rounds[i:i + per_call]
+      assert len(set(block)) == 1
+    firsts = [rounds[i] for i in range(0, len(rounds), 2 * per_call)]
+    assert firsts == ["ours", "official", "ours"]       # which side goes first alternates
