@@ -903,14 +903,9 @@ def fourm_row(args, s: dict, fourm_mods):
   note = (f"official: fourm.models.fm.FM (untied to_logits), eager fwd (loss 'mod') + bwd + "
           f"torch.optim.AdamW {kind}; batch masked by fourm_jax (4M-7 mixture), "
           f"{n_tok}/{n_tok} tokens; decoder modality order sorted on both sides")
-  matmul = matmul_rates(s["batch"] * n_tok, model.dim, ffn_hidden(model))
+  matmul = matmul_rates(s["batch"] * n_tok, model.dim, fourm_flops.ffn_hidden(model))
   return make_row("4m train", runs, note, checks, ops, fourm_train_gflop(model, batch, n_tok),
                   matmul)
-
-
-def ffn_hidden(model) -> int:
-  return (int(2 * int(model.dim * model.mlp_ratio) / 3) if model.ffn == "swiglu"
-          else int(model.dim * model.mlp_ratio))
 
 
 def fourm_train_gflop(model, batch: dict, n_tok: int) -> float:
@@ -919,8 +914,8 @@ def fourm_train_gflop(model, batch: dict, n_tok: int) -> float:
   b = len(np.asarray(batch[model.targets[0].name]["target_mask"]))
   logits = sum(float(np.sum(~np.asarray(batch[m.name]["target_mask"], bool)))
                * fourm_flops.mm(1, model.dim, m.vocab_size) for m in model.targets)
-  fwd = (fourm_flops.input_embedding_flops(model, b) + fourm_flops.encoder_flops(model, b, n_tok)
-         + fourm_flops.decoder_flops(model, b, n_tok, n_tok) + logits)
+  fwd = (fourm_flops.forward_flops(model, b, n_tok, n_tok)
+         - fourm_flops.logits_flops(model, b, n_tok) + logits)     # exact logits for expected
   return flops_lib.train_step_flops(fwd) / 1e9
 
 
@@ -1029,7 +1024,7 @@ def gen_row(args, s, sampler, state, official_sampler, mod_dict, generate, schem
           f"{len(plan)} steps, temperature 1, top-k/top-p off; ours' first call "
           f"(compilation) {compile_s:.1f} s not timed")
   model = sampler.model
-  matmul = matmul_rates(s["batch"] * n, model.dim, ffn_hidden(model))
+  matmul = matmul_rates(s["batch"] * n, model.dim, fourm_flops.ffn_hidden(model))
   return make_row(gen_case_name(scheme, cfg_scale, dim), runs, note,
                   {"first_step_logits_max_rel_diff": logits_err},
                   gflop=gen_gflop(model, plan, s["batch"], n, cfg_scale != 1.0), matmul=matmul)

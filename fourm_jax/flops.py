@@ -34,12 +34,16 @@ from pretrain_jax import flops as flops_lib
 mm = flops_lib.matmul
 
 
+def ffn_hidden(model) -> int:
+  """Hidden width of one block's feed-forward (SwiGLU: int(2/3 * mlp_ratio * D))."""
+  if model.ffn == "swiglu":
+    return int(2 * int(model.dim * model.mlp_ratio) / 3)
+  return int(model.dim * model.mlp_ratio)
+
+
 def ffn_flops(model, tokens: int) -> float:
   """The feed-forward of one block over `tokens` rows (fourm_jax.model.SwiGLU / GeluMLP)."""
-  d = model.dim
-  if model.ffn == "swiglu":
-    return 3 * mm(tokens, d, int(2 * int(d * model.mlp_ratio) / 3))
-  return 2 * mm(tokens, d, int(d * model.mlp_ratio))
+  return (3 if model.ffn == "swiglu" else 2) * mm(tokens, model.dim, ffn_hidden(model))
 
 
 def input_embedding_flops(model, batch: int) -> float:
