@@ -240,8 +240,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
       grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_value, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "lr": schedule(state.step), **aux}
+    metrics = {"loss": loss_value, "grad_norm": optim.global_norm(grads),
+               "param_norm": optim.global_norm(params), "lr": schedule(state.step), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          extra=extra), metrics
   return train_step

@@ -29,6 +29,21 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def global_norm(tree: PyTree) -> jax.Array:
+  """The l2 norm of all leaves together (optax.global_norm's value), a float32 scalar.
+
+  Each leaf passes an optimization barrier before it is squared. Without one, XLA merges
+  this square with the optimizer's identical one (Adam's second moment of the same
+  gradient), and the merged square is written out as a whole temporary array that both
+  then read back; apart, each square fuses into its own consumer. On CPU, for a
+  [30000, 768] gradient, the norm and Adam's second moment together took 45 ms merged
+  against 9 ms apart; the 4M benchmark step logs grad_norm and param_norm every step, and
+  the merged squares cost it about 5%.
+  """
+  return jnp.sqrt(sum(jnp.sum(jnp.square(jax.lax.optimization_barrier(x).astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
+
+
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `cfg.lr`, then cosine decay to `cfg.end_lr`.
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from pretrain_jax import checkpoint as checkpoint_lib
@@ -113,6 +114,27 @@ def test_clipping_bounds_the_gradient_before_adam():
   c = abs(float(clipped["head_out"]["kernel"][0, 0]))
   f = abs(float(free["head_out"]["kernel"][0, 0]))
   assert c < 1e-3 * f
+
+
+def test_global_norm_is_optax_value_without_a_squared_copy():
+  tree = {"a": jnp.arange(12.0).reshape(3, 4) - 5.0, "b": [jnp.ones((7,)) * 0.5],
+          "c": jnp.asarray([3.0, -4.0], jnp.bfloat16)}
+  expected = np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                         for x in jax.tree.leaves(tree)))
+  assert float(optim.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
+  f32 = {k: v for k, v in tree.items() if k != "c"}
+  assert float(optim.global_norm(f32)) == pytest.approx(float(optax.global_norm(f32)), rel=1e-7)
+
+  # The reason it exists: next to Adam's second moment of the same gradient, optax's norm
+  # shares the square with it, which XLA then writes out whole as a temporary; ours does not.
+  g = jnp.ones((256, 1024), jnp.float32)
+
+  def temp_bytes(norm):
+    def step(g, v):
+      return norm(g), 0.95 * v + 0.05 * g ** 2
+    return jax.jit(step, donate_argnums=1).lower(g, g).compile().memory_analysis() \
+        .temp_size_in_bytes
+  assert temp_bytes(optim.global_norm) < g.nbytes
 
 
 def test_layerwise_decay_scales_earlier_layers_down():
