@@ -87,8 +87,9 @@ def _runs(tables, y, ids, mods, valid, chunk: int, axes: tuple, grads: bool, lay
     w = table.astype(jnp.float32)
     v = w.shape[0 if layout == "vd" else 1]
 
-    def body(j, carry, k=k, w=w, v=v):
-      total, dy, dw = carry
+    def chunk_terms(j, k=k, w=w, v=v):
+      """Chunk j of modality k: (sum of its token losses, and with `grads` the rows it
+      fills, their dy [c, D] and its share of d table)."""
       pos = j * chunk + lane
       ok = pos < counts[k]
       index = order[jnp.clip(first[k] + pos, 0, t - 1)]
@@ -97,20 +98,34 @@ def _runs(tables, y, ids, mods, valid, chunk: int, axes: tuple, grads: bool, lay
       logits = y_c @ w.T if layout == "vd" else y_c @ w           # [c, V_k]
       lse = jax.nn.logsumexp(logits, axis=-1)
       nll = lse - jnp.take_along_axis(logits, own[:, None], -1)[:, 0]
-      total = total + jnp.sum(jnp.where(ok, nll, 0.0))
-      if grads:
-        dlogits = jnp.exp(logits - lse[:, None]).at[lane, own].add(-1.0)
-        dlogits = jnp.where(ok[:, None], dlogits, 0.0)
-        dy_c = dlogits @ w if layout == "vd" else dlogits @ w.T
-        dy = dy.at[jnp.where(ok, index, t)].set(dy_c, mode="drop")
-        # in the table's own layout: a [V, D] gradient of a [D, V] kernel would be transposed
-        # (a copy of the table) before the optimizer reads it
-        dw = dw + (dlogits.T @ y_c if layout == "vd" else y_c.T @ dlogits)
-      return total, dy, dw
+      loss = jnp.sum(jnp.where(ok, nll, 0.0))
+      if not grads:
+        return loss, None, None, None
+      dlogits = jnp.exp(logits - lse[:, None]).at[lane, own].add(-1.0)
+      dlogits = jnp.where(ok[:, None], dlogits, 0.0)
+      dy_c = dlogits @ w if layout == "vd" else dlogits @ w.T
+      # in the table's own layout: a [V, D] gradient of a [D, V] kernel would be transposed
+      # (a copy of the table) before the optimizer reads it
+      dw_c = dlogits.T @ y_c if layout == "vd" else y_c.T @ dlogits
+      return loss, jnp.where(ok, index, t), dy_c, dw_c
 
-    init = (vary(jnp.zeros((), jnp.float32)), dy, vary(jnp.zeros(w.shape, w.dtype)) if grads
-            else None)
-    total, dy, dw = jax.lax.fori_loop(0, (counts[k] + chunk - 1) // chunk, body, init)
+    def body(j, carry, chunk_terms=chunk_terms):
+      total, dy, dw = carry
+      loss, rows, dy_c, dw_c = chunk_terms(j)
+      return total + loss, dy.at[rows].set(dy_c, mode="drop"), dw + dw_c
+
+    trips = (counts[k] + chunk - 1) // chunk
+    if grads:
+      # Chunk 0 outside the loop: its d table starts the sum, so no [V, D] array of zeros
+      # is written and then added to (a modality without tokens runs it with every lane
+      # masked: zero loss, zero gradient).
+      loss, rows, dy_c, dw = chunk_terms(0)
+      init = (loss, dy.at[rows].set(dy_c, mode="drop"), dw)
+      total, dy, dw = jax.lax.fori_loop(1, trips, body, init)
+    else:
+      total = jax.lax.fori_loop(0, trips, lambda j, tot, f=chunk_terms: tot + f(j)[0],
+                                vary(jnp.zeros((), jnp.float32)))
+      dw = None
     sums.append(total)
     dtables.append(dw)
   sums = jnp.stack(sums)

@@ -36,7 +36,11 @@ def make(seed, b=3, m=20, d=8, mods_p=None, valid_p=0.8):
 @pytest.mark.parametrize("case", [
     dict(seed=0, chunk=None), dict(seed=1, mods_p=[1.0, 0.0, 0.0], chunk=8),
     dict(seed=2, valid_p=0.0, chunk=8), dict(seed=3, valid_p=1.0, mods_p=[0.1, 0.1, 0.8], chunk=8),
-    dict(seed=4, b=1, m=7, chunk=64)])
+    dict(seed=4, b=1, m=7, chunk=64),
+    # exactly one and exactly two full chunks: chunk 0 runs outside the loop, which then
+    # runs zero times or once
+    dict(seed=5, b=1, m=8, mods_p=[1.0, 0.0, 0.0], valid_p=1.0, chunk=8),
+    dict(seed=6, b=2, m=8, mods_p=[1.0, 0.0, 0.0], valid_p=1.0, chunk=8)])
 def test_values_and_gradients_equal_dense(case):
   chunk = case.pop("chunk")
   tables, y, ids, mods, valid = make(**case)
