@@ -136,7 +136,7 @@ from fourm_jax import sampler as sampler_lib  # noqa: E402
 from fourm_jax import schedules  # noqa: E402
 from fourm_jax import train as fourm_train  # noqa: E402
 from pretrain_jax import cli, loop, mesh as mesh_lib, optim, partitioning  # noqa: E402
-from pretrain_jax import flops as flops_lib  # noqa: E402
+from pretrain_jax import flops as flops_lib, host_memory  # noqa: E402
 from pretrain_jax import train_state as ts  # noqa: E402
 from pretrain_jax.data import transforms  # noqa: E402
 from benchmarks import op_profile  # noqa: E402
@@ -1110,40 +1110,14 @@ def parse_args():
   parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="default",
                       help="glibc allocator settings for the whole process, both sides: "
                            "'default', or 'keep' (freed memory stays in the process, so no "
-                           "step faults in fresh pages; see keep_freed_memory)")
+                           "step faults in fresh pages; pretrain_jax/host_memory.py, which "
+                           "our training command line applies on CPU by default)")
   parser.add_argument("--small", action="store_true",
                       help="tiny sizes, to check that the script runs (not for numbers)")
   return parser.parse_args()
 
 
 MALLOC_CHOICES = ("default", "keep")
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-
-def keep_freed_memory() -> dict:
-  """glibc settings under which freed memory stays in the process: no mmap for large
-  blocks (M_MMAP_MAX 0), no trimming of the heap's top (M_TRIM_THRESHOLD -1), one arena
-  (M_ARENA_MAX 1, so that a block freed by one thread serves the next step's on another).
-
-  Why it matters here: XLA's CPU runtime allocates a step's temporaries as one block on
-  every call (0.86 GB for the 4M train step, 4.0 GB for AIM's) and torch allocates each
-  large tensor on its own; by default glibc maps such blocks afresh and unmaps them on
-  free, so every step first-touches its pages again, each page a fault (5 us per 4 KiB
-  page on this project's CPU machine). The settings apply to the whole process, so to
-  both sides of the comparison alike. Returns the settings applied."""
-  import ctypes
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
-    raise SystemExit("error: --malloc=keep needs glibc's mallopt (Linux with glibc); this "
-                     "C library has none") from None
-  settings = {"M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1),
-              "M_ARENA_MAX": (M_ARENA_MAX, 1)}
-  for name, (param, value) in settings.items():
-    if mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
-      raise SystemExit(f"error: --malloc=keep: mallopt({name}, {value}) was refused")
-  return {name: value for name, (_, value) in settings.items()}
 
 
 def check_results_file(path: str, malloc: str, settle: int = 1):
@@ -1292,7 +1266,10 @@ def main():
     raise SystemExit("error: PyTorch is missing: pip install -e \".[reference]\"") from None
   check_results_file(args.json, args.malloc, args.settle)
   if args.malloc == "keep":
-    print(f"allocator: {keep_freed_memory()}")
+    try:
+      print(f"allocator: {host_memory.keep_freed_memory()}")
+    except RuntimeError as e:
+      raise SystemExit(f"error: --malloc=keep: {e}") from None
   torch.set_num_threads(args.threads)
   load = load_average()
   sizes = SIZES["small" if args.small else "full"]

@@ -26,6 +26,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.DEFINE_bool("verbose_libraries", False, "Keep Orbax/Grain/JAX INFO logs.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): auto-detect a multi-process job, always, never.")
+flags.DEFINE_enum("host_malloc", "auto", ["auto", "keep", "default"],
+                  "glibc keeps freed host memory, so that XLA's per-step temporaries on the CPU "
+                  "backend do not fault in fresh pages every step: auto (on the CPU backend), "
+                  "keep (always), default (leave the allocator alone). See "
+                  "pretrain_jax/host_memory.py.")
 
 
 def config_from_file(path: str, arg: str = ""):
@@ -79,6 +84,9 @@ def run(main: Callable[[object, str], object],
       for handler in logging.getLogger().handlers:
         handler.addFilter(_LibraryInfoFilter())
     try:
+      import jax
+      from pretrain_jax import host_memory
+      host_memory.configure(FLAGS.host_malloc, jax.default_backend())
       if validate is not None:
         validate(config)
       main(config, workdir)
@@ -91,7 +99,7 @@ def run(main: Callable[[object, str], object],
       raise
 
   flags.mark_flags_as_required(["config"])
-  show_in_help("config", "workdir", "distributed", "verbose_libraries")
+  show_in_help("config", "workdir", "distributed", "host_malloc", "verbose_libraries")
   app.run(_main, flags_parser=parse_flags)
 
 

@@ -46,38 +46,6 @@ def test_a_partial_run_replaces_only_its_rows():
   assert out["rows_rerun"]["date"] == "d1"
 
 
-FAULTS_AFTER_FREE = """
-import resource, sys
-import numpy as np
-sys.path.insert(0, {root!r})
-if sys.argv[1] == "keep":
-  from benchmarks import vs_official
-  print(vs_official.keep_freed_memory(), file=sys.stderr)
-faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-a = np.ones(64 << 20, np.float32); del a          # 256 MiB, touched, freed
-before = faults()
-b = np.ones(64 << 20, np.float32)                 # the same size again, touched
-print(faults() - before)
-"""
-
-
-def test_malloc_keep_stops_a_freed_block_from_faulting_again():
-  """--malloc=keep's settings (a process of its own: they last for its life): a 256 MiB
-  block allocated again after a free touches no fresh page; by default glibc maps such a
-  block afresh and faults every page in again (65,536 of 4 KiB; 640 here, where numpy asks
-  for 2 MiB transparent huge pages; never fewer than 128)."""
-  def faults(setting):
-    proc = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE.format(root=str(ROOT)),
-                           setting], capture_output=True, text=True, env=subprocess_env(),
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split()[-1]), proc.stderr
-  default, _ = faults("default")
-  keep, applied = faults("keep")
-  assert "'M_MMAP_MAX': 0" in applied and "'M_TRIM_THRESHOLD': -1" in applied
-  assert default > 100 and keep < 10, (default, keep)
-
-
 def test_a_run_never_writes_into_a_file_of_another_allocator_or_settle_setting(tmp_path):
   sys.path.insert(0, str(ROOT))
   from benchmarks import vs_official
