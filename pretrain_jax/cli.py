@@ -71,6 +71,16 @@ def run(main: Callable[[object, str], object],
     if FLAGS.workdir is None and require_workdir:
       raise app.UsageError("--workdir is required")
     config = _CONFIG.value
+    logging.getLogger().setLevel(logging.INFO)
+    if not FLAGS.verbose_libraries:
+      for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryInfoFilter())
+    from pretrain_jax import host_memory   # before JAX's backend starts: see its docstring
+    try:
+      host_memory.configure(FLAGS.host_malloc)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
     from pretrain_jax import mesh as mesh_lib  # after flags: may call jax.distributed
     mesh_lib.maybe_initialize_distributed(FLAGS.distributed)
     workdir = FLAGS.workdir
@@ -79,14 +89,7 @@ def run(main: Callable[[object, str], object],
       from pretrain_jax import paths
       workdir = paths.resolve(workdir)
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    logging.getLogger().setLevel(logging.INFO)
-    if not FLAGS.verbose_libraries:
-      for handler in logging.getLogger().handlers:
-        handler.addFilter(_LibraryInfoFilter())
     try:
-      import jax
-      from pretrain_jax import host_memory
-      host_memory.configure(FLAGS.host_malloc, jax.default_backend())
       if validate is not None:
         validate(config)
       main(config, workdir)
