@@ -37,8 +37,8 @@ def global_norm(tree: PyTree) -> jax.Array:
   gradient), and the merged square is written out as a whole temporary array that both
   then read back; apart, each square fuses into its own consumer. On CPU, for a
   [30000, 768] gradient, the norm and Adam's second moment together took 45 ms merged
-  against 9 ms apart; the 4M benchmark step logs grad_norm and param_norm every step, and
-  the merged squares cost it about 5%.
+  against 9 ms apart. The 4M benchmark step logs grad_norm and param_norm every step; with
+  the squares merged the two norms took 74 ms of its 1.35 s.
   """
   return jnp.sqrt(sum(jnp.sum(jnp.square(jax.lax.optimization_barrier(x).astype(jnp.float32)))
                       for x in jax.tree.leaves(tree)))
